@@ -1,0 +1,99 @@
+"""Developer and CI sessions. `nox -l` lists them; `nox -t ci` is what CI runs (see README).
+
+Virtualenvs are made with uv: with its cache, a second venv with torch costs about a second.
+Every environment pins torch (TORCH_SPEC, default torch==2.13.0, the CPU build on these machines)
+and installs numpy beside it (without numpy every `import torch` warns).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+BASE = [TORCH, "numpy"]
+TEST_TOOLS = ["pytest", "hypothesis", "scikit-learn"]
+PRODUCTS = ["core", "fabric", "trainer", "integration"]
+# The cpu leg is what CI runs; the cuda and tpu legs select tests by marker and skip them, saying
+# why, on a machine without the device.
+LEGS = [nox.param("cpu", id="cpu", tags=["ci", "cpu"]), nox.param("cuda", id="cuda", tags=["cuda"]),
+        nox.param("tpu", id="tpu", tags=["tpu"])]
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+if Path("/opt/wheels").is_dir():  # the local CPU torch wheel; never fall back to a multi-GB CUDA build
+    os.environ.setdefault("UV_FIND_LINKS", "/opt/wheels")
+
+
+def _install_packages(session: nox.Session, *, editable: bool = True, extras: str = "") -> None:
+    flag = ["-e"] if editable else []
+    session.install(*BASE)
+    for name in ("core", "fabric", "trainer"):
+        suffix = f"[{extras}]" if extras and name == "core" else ""
+        session.install(*flag, f"{ROOT / 'packages' / name}{suffix}")
+
+
+@nox.session
+@nox.parametrize("accelerator", LEGS)
+@nox.parametrize("product", PRODUCTS, ids=PRODUCTS)
+def tests(session: nox.Session, product: str, accelerator: str) -> None:
+    """Run one product's tests on one accelerator leg (cuda/tpu legs skip cleanly without the device)."""
+    _install_packages(session, extras="tensorboard")
+    session.install(*TEST_TOOLS)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    # Exit code 5 (nothing collected) is fine on a device leg: that product has no tests for the device yet.
+    ok = [0] if accelerator == "cpu" else [0, 5]
+    session.run(
+        "python", "-m", "pytest", f"tests/{product}", f"--accelerator={accelerator}", *session.posargs,
+        env=env, success_codes=ok,
+    )
+
+
+@nox.session(tags=["ci"])
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(tags=["ci"])
+def typecheck(session: nox.Session) -> None:
+    """mypy: strict for torchloom.core, checked defs for the products."""
+    _install_packages(session)
+    session.install("mypy", "pytest", "hypothesis")
+    session.run("mypy", "-p", "torchloom.core", "-p", "torchloom.fabric", "-p", "torchloom.trainer")
+
+
+@nox.session(tags=["ci"])
+def build(session: nox.Session) -> None:
+    """Build the three wheels with hatch, then install each product alone (with core) in a fresh venv and import it."""
+    session.install("hatch")
+    dist = ROOT / "dist"
+    for name in ("core", "fabric", "trainer"):
+        with session.chdir(ROOT / "packages" / name):
+            session.run("hatch", "build", "-t", "wheel", str(dist))
+    for product, other in (("fabric", "trainer"), ("trainer", "fabric")):
+        venv = Path(session.create_tmp()) / f"only-{product}"
+        session.run("uv", "venv", "-q", "--clear", str(venv))
+        python = str(venv / "bin" / "python")
+        wheels = [str(next(dist.glob(f"torchloom_{n}-*.whl"))) for n in ("core", product)]
+        session.run("uv", "pip", "install", "-q", "--python", python, *BASE, *wheels)
+        check = (
+            "import importlib.util, sys; import torchloom.core, torchloom.{p}; "
+            "assert importlib.util.find_spec('torchloom.{o}') is None, 'torchloom.{o} must not be installed'; "
+            "print('torchloom.{p} imports without torchloom.{o}')"
+        ).format(p=product, o=other)
+        session.run(python, "-c", check, external=True)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job: train the digits classifier with DDP on 2 CPU processes."""
+    _install_packages(session, extras="tensorboard")
+    session.install("scikit-learn")
+    session.run("python", "docs/examples/core/train_digits.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})
