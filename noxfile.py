@@ -19,8 +19,11 @@ TEST_TOOLS = ["pytest", "hypothesis", "scikit-learn"]
 PRODUCTS = ["core", "fabric", "trainer", "integration"]
 # The cpu leg is what CI runs; the cuda and tpu legs select tests by marker and skip them, saying
 # why, on a machine without the device.
-LEGS = [nox.param("cpu", id="cpu", tags=["ci", "cpu"]), nox.param("cuda", id="cuda", tags=["cuda"]),
-        nox.param("tpu", id="tpu", tags=["tpu"])]
+LEGS = [
+    nox.param("cpu", id="cpu", tags=["ci", "cpu"]),
+    nox.param("cuda", id="cuda", tags=["cuda"]),
+    nox.param("tpu", id="tpu", tags=["tpu"]),
+]
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_venv = "yes"
@@ -48,8 +51,14 @@ def tests(session: nox.Session, product: str, accelerator: str) -> None:
     # Exit code 5 (nothing collected) is fine on a device leg: that product has no tests for the device yet.
     ok = [0] if accelerator == "cpu" else [0, 5]
     session.run(
-        "python", "-m", "pytest", f"tests/{product}", f"--accelerator={accelerator}", *session.posargs,
-        env=env, success_codes=ok,
+        "python",
+        "-m",
+        "pytest",
+        f"tests/{product}",
+        f"--accelerator={accelerator}",
+        *session.posargs,
+        env=env,
+        success_codes=ok,
     )
 
 
@@ -84,10 +93,10 @@ def build(session: nox.Session) -> None:
         wheels = [str(next(dist.glob(f"torchloom_{n}-*.whl"))) for n in ("core", product)]
         session.run("uv", "pip", "install", "-q", "--python", python, *BASE, *wheels)
         check = (
-            "import importlib.util, sys; import torchloom.core, torchloom.{p}; "
-            "assert importlib.util.find_spec('torchloom.{o}') is None, 'torchloom.{o} must not be installed'; "
-            "print('torchloom.{p} imports without torchloom.{o}')"
-        ).format(p=product, o=other)
+            f"import importlib.util, sys; import torchloom.core, torchloom.{product}; "
+            f"assert importlib.util.find_spec('torchloom.{other}') is None, 'torchloom.{other} must not be installed'; "
+            f"print('torchloom.{product} imports without torchloom.{other}')"
+        )
         session.run(python, "-c", check, external=True)
 
 

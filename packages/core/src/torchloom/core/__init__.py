@@ -33,7 +33,27 @@ _EXPORTS = {
     "TorchloomError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Accelerator",
+    "CPUAccelerator",
+    "CUDAAccelerator",
+    "CheckpointIO",
+    "ClusterEnvironment",
+    "ConfigurationError",
+    "Connector",
+    "DDPStrategy",
+    "Launcher",
+    "MPSAccelerator",
+    "ParallelStrategy",
+    "Precision",
+    "Setup",
+    "SingleDeviceStrategy",
+    "Strategy",
+    "TorchCheckpointIO",
+    "TorchloomError",
+    "XLAAccelerator",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from torchloom.core.accelerators import (

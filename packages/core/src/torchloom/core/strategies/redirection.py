@@ -29,7 +29,7 @@ def call_through_forward(wrapper: nn.Module, module: nn.Module, method: str, *ar
 
     def restore() -> None:
         if had_instance_forward:
-            module.forward = original_forward  # type: ignore[method-assign]
+            module.forward = original_forward
         else:
             module.__dict__.pop("forward", None)
 
@@ -38,7 +38,7 @@ def call_through_forward(wrapper: nn.Module, module: nn.Module, method: str, *ar
         restore()
         return target(*a, **k)
 
-    module.forward = redirected  # type: ignore[method-assign]
+    module.forward = redirected
     try:
         return wrapper(*args, **kwargs)
     finally:

@@ -305,12 +305,14 @@ def unwrap_module(module: nn.Module) -> nn.Module:
     """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers (or the module itself)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while True:
+        inner: object = None
         if isinstance(module, wrappers):
-            module = module.module
-        elif type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod  # torch.compile's wrapper; checked by name to keep dynamo unimported
-        else:
+            inner = module.module
+        elif type(module).__name__ == "OptimizedModule":  # torch.compile's wrapper; by name to keep dynamo unimported
+            inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             return module
+        module = inner
 
 
 def _parameters(optimizer: Optimizer) -> list[Tensor]:

@@ -9,7 +9,9 @@ from typing import Any
 __all__ = ["apply_to_collection"]
 
 
-def apply_to_collection(data: Any, dtype: type | tuple[type, ...], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def apply_to_collection(
+    data: Any, dtype: type | tuple[type, ...], function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
     """Returns ``data`` with ``function(x, *args, **kwargs)`` applied to every ``x`` of ``dtype``.
 
     Containers are rebuilt with the same type; anything else is returned unchanged.
@@ -19,14 +21,14 @@ def apply_to_collection(data: Any, dtype: type | tuple[type, ...], function: Cal
     if isinstance(data, Mapping):
         items = {k: apply_to_collection(v, dtype, function, *args, **kwargs) for k, v in data.items()}
         try:
-            return type(data)(items)
+            return type(data)(items)  # type: ignore[call-arg]
         except TypeError:  # mappings whose constructor takes other arguments (e.g. defaultdict)
             return items
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # named tuple
         return type(data)(*(apply_to_collection(v, dtype, function, *args, **kwargs) for v in data))
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         values = [apply_to_collection(v, dtype, function, *args, **kwargs) for v in data]
-        return values if isinstance(data, list) else type(data)(values)
+        return values if isinstance(data, list) else type(data)(values)  # type: ignore[call-arg]
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         changes = {
             f.name: apply_to_collection(getattr(data, f.name), dtype, function, *args, **kwargs)

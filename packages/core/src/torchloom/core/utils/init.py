@@ -10,25 +10,13 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["SkipInit"]
 
-# The in-place fills that torch.nn.init and the layers' reset_parameters() end up calling.
+# The in-place fills that layers' reset_parameters() call: torch.nn.init's public ``*_`` functions
+# (a mode sees the outer call only, e.g. kaiming_uniform_, not the uniform_ inside it) and the
+# Tensor methods they are built on, for layers that call those directly.
+_TENSOR_FILLS = ("uniform_", "normal_", "fill_", "zero_", "random_", "bernoulli_", "exponential_", "log_normal_")
 _INIT_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
-    {
-        torch.Tensor.uniform_,
-        torch.Tensor.normal_,
-        torch.Tensor.fill_,
-        torch.Tensor.zero_,
-        torch.Tensor.random_,
-        torch.Tensor.bernoulli_,
-        torch.Tensor.exponential_,
-        torch.Tensor.geometric_,
-        torch.Tensor.log_normal_,
-        torch.Tensor.cauchy_,
-        torch.nn.init.trunc_normal_,
-        torch.nn.init.orthogonal_,
-        torch.nn.init.sparse_,
-        torch.nn.init.eye_,
-        torch.nn.init.dirac_,
-    }
+    [getattr(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    + [getattr(torch.Tensor, n) for n in _TENSOR_FILLS]
 )
 
 
@@ -49,6 +37,8 @@ class SkipInit(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        if self.enabled and func in _INIT_FUNCTIONS and args:
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.enabled and func in _INIT_FUNCTIONS:
+            # torch.nn.init passes the tensor by keyword; Tensor methods get it as ``self``.
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
