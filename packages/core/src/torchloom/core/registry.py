@@ -101,9 +101,7 @@ class Registry(Generic[T]):
 
     def _lookup(self, name: str) -> _Entry:
         if name not in self:
-            raise ConfigurationError(
-                f"Unknown {self.kind} {name!r}. Valid {self.kind} names: {choices(self.names())}."
-            )
+            raise ConfigurationError(f"Unknown {self.kind} {name!r}. Valid {self.kind} names: {choices(self.names())}.")
         return self._entries[name.lower()]
 
     def _load_entry_points(self) -> None:
@@ -141,14 +139,35 @@ ACCELERATORS.register("tpu", f"{_P}.accelerators.xla:XLAAccelerator", descriptio
 PRECISIONS: Registry[Any] = Registry("precision", "torchloom.precision")
 PRECISIONS.register("64-true", f"{_P}.precision.double:DoublePrecision", description="float64 weights and math")
 PRECISIONS.register("32-true", f"{_P}.precision.precision:Precision", description="float32 (default)")
-PRECISIONS.register("16-mixed", f"{_P}.precision.amp:MixedPrecision", description="float16 autocast + grad scaler", dtype="16-mixed")
-PRECISIONS.register("bf16-mixed", f"{_P}.precision.amp:MixedPrecision", description="bfloat16 autocast", dtype="bf16-mixed")
-PRECISIONS.register("16-true", f"{_P}.precision.half:HalfPrecision", description="float16 weights and math", dtype="16-true")
-PRECISIONS.register("bf16-true", f"{_P}.precision.half:HalfPrecision", description="bfloat16 weights and math", dtype="bf16-true")
+PRECISIONS.register(
+    "16-mixed", f"{_P}.precision.amp:MixedPrecision", description="float16 autocast + grad scaler", dtype="16-mixed"
+)
+PRECISIONS.register(
+    "bf16-mixed", f"{_P}.precision.amp:MixedPrecision", description="bfloat16 autocast", dtype="bf16-mixed"
+)
+PRECISIONS.register(
+    "16-true", f"{_P}.precision.half:HalfPrecision", description="float16 weights and math", dtype="16-true"
+)
+PRECISIONS.register(
+    "bf16-true", f"{_P}.precision.half:HalfPrecision", description="bfloat16 weights and math", dtype="bf16-true"
+)
 
 STRATEGIES: Registry[Any] = Registry("strategy", "torchloom.strategies")
-STRATEGIES.register("single_device", f"{_P}.strategies.single_device:SingleDeviceStrategy", description="one device, one process")
-STRATEGIES.register("ddp", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; re-runs the script as N workers", start_method="popen")
-STRATEGIES.register("ddp_spawn", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; spawned worker processes", start_method="spawn")
-STRATEGIES.register("ddp_fork", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; forked worker processes", start_method="fork")
-STRATEGIES.register("ddp_notebook", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; forked workers, safe in notebooks", start_method="notebook")
+STRATEGIES.register(
+    "single_device", f"{_P}.strategies.single_device:SingleDeviceStrategy", description="one device, one process"
+)
+STRATEGIES.register(
+    "ddp", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; re-runs the script as N workers", start_method="popen"
+)
+STRATEGIES.register(
+    "ddp_spawn", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; spawned worker processes", start_method="spawn"
+)
+STRATEGIES.register(
+    "ddp_fork", f"{_P}.strategies.ddp:DDPStrategy", description="DDP; forked worker processes", start_method="fork"
+)
+STRATEGIES.register(
+    "ddp_notebook",
+    f"{_P}.strategies.ddp:DDPStrategy",
+    description="DDP; forked workers, safe in notebooks",
+    start_method="notebook",
+)

@@ -84,7 +84,7 @@ class Accelerator(ABC):
     def setup_device(self, device: torch.device) -> None:
         """Makes ``device`` current for this process (e.g. ``torch.cuda.set_device``)."""
 
-    def teardown(self) -> None:  # noqa: B027  (optional hook: most accelerators hold nothing)
+    def teardown(self) -> None:
         """Releases what ``setup_device`` acquired (caches, handles)."""
 
     @abstractmethod

@@ -71,7 +71,9 @@ def env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         if default is None:
-            raise ConfigurationError(f"The environment variable {name} is not set, but this cluster environment needs it.")
+            raise ConfigurationError(
+                f"The environment variable {name} is not set, but this cluster environment needs it."
+            )
         return default
     try:
         return int(raw)

@@ -1,0 +1,104 @@
+"""The XLA accelerator (registered as ``"tpu"``): TPUs, or XLA's CPU backend for testing, through torch-xla.
+
+torch-xla starts one process per device on a host and cannot run an arbitrary subset of them, so
+the accepted ``devices`` specs are:
+
+- ``1`` or ``"1"``: one device, ``xla:0``;
+- ``"auto"``, ``-1``, ``"-1"`` or the host's device count ``n``: every device, ``xla:0 .. xla:n-1``;
+- one index ``[i]`` or ``"i,"``: only device ``i``.
+
+torch-xla is optional: nothing here imports it until a device count or memory figure is needed, and
+then a missing install raises ``MissingDependencyError`` with the ``pip install`` line. Counting
+devices does not start the XLA runtime, so torch-xla's launcher can still start the workers after.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, ClassVar
+
+import torch
+from typing_extensions import override
+
+from torchloom.core.accelerators.accelerator import Accelerator, DeviceSpec, invalid_devices, normalize_device_spec
+from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.imports import is_available, require
+
+__all__ = ["XLAAccelerator"]
+
+_ACCEPTED = "1 (one device), 'auto' or -1 or the device count (all devices), or a single index such as [2] or '2,'"
+
+
+class XLAAccelerator(Accelerator):
+    """XLA devices through torch-xla's PJRT runtime (``PJRT_DEVICE`` = ``TPU``, ``CPU`` or ``CUDA``)."""
+
+    name: ClassVar[str] = "tpu"
+    distributed_backend: ClassVar[str] = "xla"
+
+    @staticmethod
+    @override
+    def is_available() -> bool:
+        if not is_available("torch_xla"):
+            return False
+        try:
+            return XLAAccelerator.auto_device_count() > 0
+        except (OSError, ValueError):  # e.g. no TPU metadata server off Google Cloud
+            return False
+
+    @staticmethod
+    @override
+    def auto_device_count() -> int:
+        """Devices on this host, found from the environment and PCI, without starting the runtime."""
+        require("torch_xla", "The 'tpu' (XLA) accelerator")
+        device_type = os.environ.get("PJRT_DEVICE", "TPU").upper()
+        if device_type == "CPU":
+            return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+        if device_type in ("CUDA", "GPU"):
+            return int(os.environ.get("GPU_NUM_DEVICES", str(torch.cuda.device_count())))
+        tpu = importlib.import_module("torch_xla._internal.tpu")
+        if tpu.num_available_chips() == 0:
+            return 0  # the per-chip core count would query cloud metadata that does not exist here
+        return int(tpu.num_available_devices())
+
+    @classmethod
+    @override
+    def parse_devices(cls, devices: DeviceSpec) -> list[torch.device]:
+        spec = normalize_device_spec(devices, cls.name, _ACCEPTED)
+        if isinstance(spec, list):
+            if len(spec) != 1:
+                raise invalid_devices(devices, cls.name, _ACCEPTED, "give one index, or a count for several devices")
+            index = spec[0]
+            available = cls.auto_device_count()
+            if index >= available:
+                raise invalid_devices(
+                    devices, cls.name, _ACCEPTED, f"this host has {available} XLA devices, indices 0..{available - 1}"
+                )
+            return [torch.device("xla", index)]
+        if spec == 1:
+            return [torch.device("xla", 0)]
+        if isinstance(spec, int) and spec != -1 and spec < 1:
+            raise invalid_devices(devices, cls.name, _ACCEPTED)
+        available = cls.auto_device_count()
+        if available == 0:
+            raise invalid_devices(devices, cls.name, _ACCEPTED, "torch-xla finds no device on this host")
+        if spec not in ("auto", -1, available):
+            raise invalid_devices(
+                devices, cls.name, _ACCEPTED, f"torch-xla runs either 1 or all {available} devices of a host"
+            )
+        return [torch.device("xla", index) for index in range(available)]
+
+    @override
+    def setup_device(self, device: torch.device) -> None:
+        # torch-xla makes each worker's device current itself; only check that it is an XLA device
+        if device.type != "xla":
+            raise ConfigurationError(
+                f"The 'tpu' accelerator cannot use the device {str(device)!r}; expected a device like 'xla:0'."
+            )
+
+    @override
+    def get_device_stats(self, device: torch.device) -> dict[str, Any]:
+        """torch-xla's memory figures for ``device`` (key names vary with the torch-xla version)."""
+        require("torch_xla", "XLA device statistics")
+        xm = importlib.import_module("torch_xla.core.xla_model")
+        return dict(xm.get_memory_info(device))
