@@ -83,9 +83,16 @@ def build(session: nox.Session) -> None:
     """Build the three wheels with hatch, then install each product alone (with core) in a fresh venv and import it."""
     session.install("hatch")
     dist = ROOT / "dist"
+    # hatch installs hatchling into its own build environment with uv; nox's UV_PYTHON would send it
+    # into this session's venv instead, so drop it. A private data dir keeps stale envs out.
+    hatch_env = {
+        "HATCH_DATA_DIR": str(Path(session.create_tmp()).resolve() / "hatch"),
+        "UV_PYTHON": None,
+        "UV_PROJECT_ENVIRONMENT": None,
+    }
     for name in ("core", "fabric", "trainer"):
         with session.chdir(ROOT / "packages" / name):
-            session.run("hatch", "build", "-t", "wheel", str(dist))
+            session.run("hatch", "build", "-t", "wheel", str(dist), env=hatch_env)
     for product, other in (("fabric", "trainer"), ("trainer", "fabric")):
         venv = Path(session.create_tmp()) / f"only-{product}"
         session.run("uv", "venv", "-q", "--clear", str(venv))

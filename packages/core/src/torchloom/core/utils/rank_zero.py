@@ -14,7 +14,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _rank_from_env() -> int:
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         if key in os.environ:
             return int(os.environ[key])
     return 0
