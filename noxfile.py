@@ -100,7 +100,7 @@ def build(session: nox.Session) -> None:
         wheels = [str(next(dist.glob(f"torchloom_{n}-*.whl"))) for n in ("core", product)]
         session.run("uv", "pip", "install", "-q", "--python", python, *BASE, *wheels)
         check = (
-            f"import importlib.util, sys; import torchloom.core, torchloom.{product}; "
+            f"import importlib.util; import torchloom.{product}; from torchloom.core import Connector, DDPStrategy; "
             f"assert importlib.util.find_spec('torchloom.{other}') is None, 'torchloom.{other} must not be installed'; "
             f"print('torchloom.{product} imports without torchloom.{other}')"
         )
