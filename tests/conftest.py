@@ -39,12 +39,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if leg == "cpu":
         for item in items:
             for marker in ("cuda", "tpu"):
-                if marker in item.keywords:
+                if item.get_closest_marker(marker) is not None:
                     item.add_marker(pytest.mark.skip(reason=f"needs {marker}: run with --accelerator {marker}"))
         return
     present, why = _device_present(leg)
-    selected = [item for item in items if leg in item.keywords]
-    deselected = [item for item in items if leg not in item.keywords]
+    selected = [item for item in items if item.get_closest_marker(leg) is not None]
+    deselected = [item for item in items if item.get_closest_marker(leg) is None]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
     items[:] = selected

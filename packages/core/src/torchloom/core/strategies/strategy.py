@@ -119,6 +119,7 @@ class Strategy(ABC):
     # Capabilities products may read instead of checking concrete classes.
     requires_joint_setup: bool = False  # module and optimizers must be set up together (DeepSpeed)
     restore_checkpoint_after_setup: bool = False  # sharded state loads into the already wrapped module
+    uses_xla: bool = False  # runs on XLA devices (the connector pairs XLA devices only with such strategies)
 
     # ------------------------------------------------------------------ lifecycle
     def setup_environment(self) -> None:

@@ -1,0 +1,36 @@
+"""SingleDeviceStrategy: one process computing on one device; collectives are identities."""
+
+from __future__ import annotations
+
+import torch
+from typing_extensions import override
+
+from torchloom.core.accelerators.accelerator import Accelerator
+from torchloom.core.checkpoint.io import CheckpointIO
+from torchloom.core.precision.precision import Precision
+from torchloom.core.strategies.strategy import Strategy
+
+__all__ = ["SingleDeviceStrategy"]
+
+
+class SingleDeviceStrategy(Strategy):
+    """Runs everything on ``device`` (``"cpu"``, ``"cuda:1"`` or a ``torch.device``) in this process."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        accelerator: Accelerator | None = None,
+        precision: Precision | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+    ) -> None:
+        super().__init__(accelerator=accelerator, precision=precision, checkpoint_io=checkpoint_io)
+        self._root_device = torch.device(device)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return self._root_device
+
+    @override
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={str(self._root_device)!r}, accelerator={self._accelerator!r})"
