@@ -21,6 +21,7 @@ def test_import_core_pulls_no_optional_dependency_and_no_product() -> None:
         "import torchloom.core.strategies, torchloom.core.accelerators, torchloom.core.precision",
         "import torchloom.core.environments, torchloom.core.launchers, torchloom.core.checkpoint",
         "from torchloom.core.registry import STRATEGIES; STRATEGIES.names()",
+        "import torchloom.core.loggers; from torchloom.core.loggers import CSVLogger, TensorBoardLogger",
     ],
 )
 def test_core_submodules_pull_no_optional_dependency(statement: str) -> None:
