@@ -1,9 +1,13 @@
 """torchloom-fabric: keep your own training loop; run it on any accelerator, strategy and precision.
 
-The `Fabric` class arrives with the Fabric issue; this distribution already installs and depends
-only on `torchloom-core`.
+``from torchloom.fabric import Fabric``. Importing this package imports no optional dependency
+(deepspeed, torch-xla, tensorboard).
 """
+
+from torchloom.fabric.checks import FabricUsageError
+from torchloom.fabric.fabric import Fabric
+from torchloom.fabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Fabric", "FabricDataLoader", "FabricModule", "FabricOptimizer", "FabricUsageError", "__version__"]

@@ -17,6 +17,10 @@ class Launcher(ABC):
     down and ``launch`` raises ``WorkerFailedError`` naming its rank.
     """
 
+    #: True when ``launch`` starts the workers by running the user's script again (so it needs no
+    #: function, and code after ``launch`` runs in the workers only); False when it runs a function.
+    reruns_script: bool = False
+
     @property
     @abstractmethod
     def is_interactive_compatible(self) -> bool:

@@ -58,6 +58,8 @@ class SubprocessScriptLauncher(Launcher):
     ``MASTER_ADDR`` / ``MASTER_PORT``: node 0's agent hosts the rendezvous store, the others join it.
     """
 
+    reruns_script = True
+
     def __init__(
         self,
         cluster_environment: ClusterEnvironment,
