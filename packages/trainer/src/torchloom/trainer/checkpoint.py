@@ -1,0 +1,221 @@
+"""The Trainer's checkpoint: what it holds, where ``ckpt_path`` points, and restoring from it.
+
+A checkpoint is a dict of plain data (loadable with ``torch.load(weights_only=True)``)::
+
+    torchloom_version, epoch, global_step, state_dict, hyper_parameters, loops   (always)
+    optimizer_states, lr_schedulers, precision, callbacks, datamodule, rng         (unless weights_only)
+
+``loops["fit"]`` is the fit loop's position (``FitProgress``) and ``rng`` the random state at save
+time: together they let ``fit(ckpt_path=...)`` continue exactly where the saved run was, mid-epoch
+included. Anything that would need pickling is refused when saving, naming the part it is in.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import io
+import os
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from torchloom.core.checkpoint.io import TorchCheckpointIO
+from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.rank_zero import rank_zero_warn
+from torchloom.trainer.hparams import check_hparams_serializable, plain_hparams
+from torchloom.trainer.rng import capture_rng
+
+if TYPE_CHECKING:
+    from torchloom.trainer.module import LoomModule
+    from torchloom.trainer.trainer import Trainer
+
+__all__ = [
+    "check_ckpt_path",
+    "dump_checkpoint",
+    "load_module_from_checkpoint",
+    "resolve_ckpt_path",
+    "restore_training_state",
+    "restore_weights",
+]
+
+M = TypeVar("M", bound="LoomModule")
+SPECIAL_PATHS = ("last", "best")
+_SMALL_PARTS = ("loops", "lr_schedulers", "precision", "callbacks", "datamodule", "rng")
+
+
+def dump_checkpoint(trainer: Trainer, weights_only: bool = False) -> dict[str, Any]:
+    """The checkpoint dict of the trainer's current state (every rank builds it; the strategy writes it)."""
+    from torchloom.trainer import __version__
+
+    module = trainer.loom_module
+    check_hparams_serializable(module.hparams)
+    progress = trainer._progress
+    progress.metrics = {key: value.detach().cpu() for key, value in trainer.callback_metrics.items()}
+    checkpoint: dict[str, Any] = {
+        "torchloom_version": __version__,
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "state_dict": trainer._adapter.module_state_dict(module),
+        "hyper_parameters": plain_hparams(module.hparams),
+        "loops": {"fit": progress.state_dict()},
+    }
+    if not weights_only:
+        adapter = trainer._adapter
+        checkpoint["optimizer_states"] = [adapter.optimizer_state(o) for o in trainer.optimizers]
+        checkpoint["lr_schedulers"] = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+        checkpoint["precision"] = adapter.precision.state_dict()
+        checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+        datamodule = trainer.datamodule
+        checkpoint["datamodule"] = datamodule.state_dict() if datamodule is not None else {}
+        checkpoint["rng"] = capture_rng()
+        for callback in trainer.callbacks:
+            callback.on_save_checkpoint(trainer, module, checkpoint)
+    module.on_save_checkpoint(checkpoint)
+    _check_loadable(checkpoint)
+    return checkpoint
+
+
+def _check_loadable(checkpoint: dict[str, Any]) -> None:
+    """Refuses a checkpoint that ``torch.load(weights_only=True)`` could not read back (small parts only:
+    weights and optimizer states are tensors and numbers)."""
+    for key, value in checkpoint.items():
+        if key in ("state_dict", "optimizer_states", "hyper_parameters"):
+            continue
+        parts = value.items() if key in ("callbacks", "loops") and isinstance(value, dict) else [(None, value)]
+        for name, part in parts:
+            if not _round_trips(part):
+                where = f"checkpoint[{key!r}]" + (f"[{name!r}]" if name is not None else "")
+                raise ConfigurationError(
+                    f"{where} holds a value that torch.load(weights_only=True) refuses to load (it needs pickling): "
+                    f"{part!r:.200}. Keep checkpoint state to plain values: None, bool, int, float, str, tensors, "
+                    "and lists/tuples/dicts of them."
+                )
+
+
+def _round_trips(value: Any) -> bool:
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def check_ckpt_path(ckpt_path: str | os.PathLike[str] | None) -> None:
+    """Fails early (before any process starts) for a ``ckpt_path`` that is neither a file nor "last"/"best"."""
+    if ckpt_path is None or ckpt_path in SPECIAL_PATHS:
+        return
+    if not isinstance(ckpt_path, (str, os.PathLike)):
+        raise ConfigurationError(
+            f"ckpt_path={ckpt_path!r} is not valid. Valid: a checkpoint file path, {SPECIAL_PATHS[0]!r}, "
+            f"{SPECIAL_PATHS[1]!r} or None."
+        )
+    if not os.path.exists(ckpt_path):
+        raise ConfigurationError(
+            f"ckpt_path={os.fspath(ckpt_path)!r} does not exist. Valid: the path of an existing checkpoint file, "
+            "'last' (the newest last checkpoint of the ModelCheckpoint callback), 'best' or None."
+        )
+
+
+def resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike[str] | None) -> str | None:
+    """The file ``ckpt_path`` means, agreed by every rank (``"last"`` with nothing saved yet: ``None``)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "best":
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if not best:
+            raise ConfigurationError(
+                "ckpt_path='best' needs a ModelCheckpoint callback that has saved a best checkpoint in this Trainer; "
+                f"{'there is no ModelCheckpoint' if callback is None else 'it has none yet'}. Valid: a file path, or "
+                "'last'."
+            )
+        return str(trainer._adapter.broadcast(best))
+    if ckpt_path == "last":
+        found = trainer._adapter.broadcast(_find_last(trainer) if trainer.is_global_zero else None)
+        if found is None:
+            rank_zero_warn("ckpt_path='last' found no checkpoint; training starts from the beginning.")
+        return found
+    return os.fspath(ckpt_path)
+
+
+def _find_last(trainer: Trainer) -> str | None:
+    candidates: list[str] = []
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "last_model_path", ""):
+            candidates.append(callback.last_model_path)
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            candidates += glob.glob(os.path.join(glob.escape(os.fspath(dirpath)), "last*.ckpt"))
+    existing = [path for path in candidates if os.path.isfile(path)]
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
+def restore_weights(trainer: Trainer, checkpoint: dict[str, Any], into: torch.nn.Module) -> None:
+    """``module.on_load_checkpoint``, then the weights into ``into`` (the module, or what wraps it)."""
+    trainer.loom_module.on_load_checkpoint(checkpoint)
+    trainer._adapter.load_module_state_dict(into, checkpoint["state_dict"])
+
+
+def restore_training_state(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Optimizers, schedulers, precision, the loop's position, callbacks, datamodule and random state."""
+    module = trainer.loom_module
+    missing = [key for key in ("optimizer_states", "lr_schedulers", "loops") if key not in checkpoint]
+    if missing:
+        raise ConfigurationError(
+            f"The checkpoint has no {missing}, so training cannot resume from it (was it saved with weights_only=True?). "
+            "Valid: a full checkpoint, or load the weights with Module.load_from_checkpoint(path) and fit without "
+            "ckpt_path."
+        )
+    optimizers, states = trainer.optimizers, checkpoint["optimizer_states"]
+    configs, scheduler_states = trainer.lr_scheduler_configs, checkpoint["lr_schedulers"]
+    if len(states) != len(optimizers) or len(scheduler_states) != len(configs):
+        raise ConfigurationError(
+            f"The checkpoint holds {len(states)} optimizer(s) and {len(scheduler_states)} scheduler(s), but "
+            f"configure_optimizers() made {len(optimizers)} and {len(configs)}. Valid: the same configuration as "
+            "the run that saved it."
+        )
+    for optimizer, state in zip(optimizers, states):
+        trainer._adapter.load_optimizer_state(optimizer, state)
+    for config, state in zip(configs, scheduler_states):
+        config.scheduler.load_state_dict(state)
+    trainer._adapter.precision.load_state_dict(checkpoint.get("precision", {}))
+    trainer._progress.load_state_dict(checkpoint["loops"].get("fit", {}))
+    callback_states = checkpoint.get("callbacks", {})
+    for callback in trainer.callbacks:
+        callback.on_load_checkpoint(trainer, module, checkpoint)
+        if callback.state_key in callback_states:
+            callback.load_state_dict(callback_states[callback.state_key])
+    datamodule = trainer.datamodule
+    if datamodule is not None and checkpoint.get("datamodule"):
+        datamodule.load_state_dict(checkpoint["datamodule"])
+    trainer._resume_rng = checkpoint.get("rng")
+
+
+def load_module_from_checkpoint(
+    cls: type[M],
+    path: str | os.PathLike[str],
+    map_location: Any = None,
+    strict: bool = True,
+    **overrides: Any,
+) -> M:
+    """``cls`` rebuilt from the checkpoint's hyper-parameters (``overrides`` win), with its weights loaded."""
+    checkpoint = TorchCheckpointIO().load_checkpoint(
+        path, map_location=map_location if map_location is not None else "cpu", weights_only=True
+    )
+    if "state_dict" not in checkpoint:
+        raise ConfigurationError(
+            f"{os.fspath(path)!r} is not a Trainer checkpoint (it has no 'state_dict'; keys: {sorted(checkpoint)})."
+        )
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        names = {p.name for p in parameters}
+        hparams = {k: v for k, v in hparams.items() if k in names}
+    module = cls(**{**hparams, **overrides})
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module
