@@ -20,6 +20,7 @@ from torchloom.core.errors import ConfigurationError
 from torchloom.core.launchers.multiprocessing import MultiprocessingLauncher
 from torchloom.core.launchers.subprocess_script import SubprocessScriptLauncher
 from torchloom.core.precision.amp import MixedPrecision
+from torchloom.core.precision.precision import Precision
 from torchloom.core.registry import STRATEGIES
 from torchloom.core.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, call_through_forward
 from torchloom.core.strategies import ddp as ddp_module
@@ -355,3 +356,19 @@ def test_distributed_sampler_wrapper_splits_a_custom_sampler() -> None:
     assert sorted(first + second) == list(range(10)) and len(first) == len(shuffled[0]) == 5
     with pytest.raises(ConfigurationError, match="length"):
         distributed.DistributedSamplerWrapper(iter(range(3)), num_replicas=2, rank=0)  # type: ignore[arg-type]
+
+
+def test_clipping_an_inf_gradient_raises_except_where_a_grad_scaler_skips_the_step() -> None:
+    def clip_with(precision: Precision) -> torch.Tensor:
+        strategy = SingleDeviceStrategy("cpu", accelerator=CPUAccelerator(), precision=precision)
+        layer = nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer.weight.grad = torch.full_like(layer.weight, float("inf"))
+        precision.pre_backward(torch.tensor(1.0), layer)  # a step's loss scaling starts the scaler
+        return strategy.clip_gradients_norm(layer, optimizer, max_norm=1.0)
+
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip_with(Precision())
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip_with(MixedPrecision("bf16-mixed"))  # no scaler: nothing would skip this step
+    assert not torch.isfinite(clip_with(MixedPrecision("16-mixed")))  # the scaler will skip it

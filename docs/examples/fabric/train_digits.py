@@ -56,7 +56,7 @@ def train(fabric: Fabric, args: argparse.Namespace) -> float:
             optimizer.zero_grad()
             fabric.backward(loss)  # Fabric: instead of loss.backward()
             # Under 16-mixed the grad scaler skips the steps whose gradients overflowed: do not raise on those.
-            fabric.clip_gradients(model, optimizer, max_norm=5.0, error_if_nonfinite=False)
+            fabric.clip_gradients(model, optimizer, max_norm=5.0)
             optimizer.step()
             loss_sum += loss.detach()
             batches += 1

@@ -128,6 +128,11 @@ class MixedPrecision(Precision):
 
     @property
     @override
+    def skips_nonfinite_steps(self) -> bool:
+        return self.scaler is not None
+
+    @property
+    @override
     def compute_dtype(self) -> torch.dtype:
         return self._dtype
 

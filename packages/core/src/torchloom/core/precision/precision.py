@@ -102,6 +102,14 @@ class Precision:
         pass
 
     @property
+    def skips_nonfinite_steps(self) -> bool:
+        """Whether non-finite gradients are expected and handled here (a grad scaler skips that step).
+
+        Then an inf/nan gradient norm is not an error: it is how loss scaling finds its scale.
+        """
+        return False
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype math runs in."""
         return torch.float32

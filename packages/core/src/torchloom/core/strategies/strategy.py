@@ -187,10 +187,15 @@ class Strategy(ABC):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = True,
     ) -> Tensor:
-        """Clips the gradients of ``optimizer``'s parameters to a total norm; returns the norm before clipping."""
+        """Clips the gradients of ``optimizer``'s parameters to a total norm; returns the norm before clipping.
+
+        ``error_if_nonfinite`` does not apply under a precision that skips non-finite steps itself
+        (``16-mixed``'s grad scaler): there an inf norm is the scaler's signal, not an error.
+        """
         self.precision.unscale_gradients(optimizer)
+        raise_on_nonfinite = error_if_nonfinite and not self.precision.skips_nonfinite_steps
         return torch.nn.utils.clip_grad_norm_(
-            _parameters(optimizer), max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+            _parameters(optimizer), max_norm, norm_type=norm_type, error_if_nonfinite=raise_on_nonfinite
         )
 
     def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: float) -> None:
