@@ -54,6 +54,19 @@ def test_tqdm_shows_epoch_counts_loss_and_prog_bar_metrics(tmp_path: Path) -> No
     assert any(f.startswith("Validation") and "2/2" in f for f in shown)
 
 
+def test_a_reused_training_bar_never_counts_backwards_within_an_epoch(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fit_with(tmp_path, TQDMProgressBar(file=out, min_refresh_interval=0), epochs=3)
+    counts: dict[str, list[int]] = {}
+    for frame in frames(out):
+        if frame.startswith("Epoch "):
+            epoch, rest = frame.split(":", 1)
+            counts.setdefault(epoch, []).append(int(rest.split("|")[2].split("/")[0]))
+    assert list(counts) == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    # a reset drawn before the new description would show "Epoch 0 ... 0/4" after "Epoch 0 ... 4/4"
+    assert all(seen == sorted(seen) for seen in counts.values()), counts
+
+
 def test_refresh_rate_and_time_throttle(tmp_path: Path) -> None:
     every_other = io.StringIO()
     fit_with(tmp_path, TQDMProgressBar(refresh_rate=2, file=every_other, min_refresh_interval=0), epochs=1)

@@ -19,15 +19,18 @@ import argparse
 import copy
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from digits import DigitsCNN, load_digits_split
 from torch import nn
 from torch.utils.data import DataLoader
 
 from torchloom.fabric import Fabric
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # docs/examples: the shared digits.py
+from digits import DigitsCNN, load_digits_split
 
 
 def train(fabric: Fabric, args: argparse.Namespace) -> bool:

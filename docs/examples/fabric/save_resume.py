@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from digits import DigitsCNN, load_digits_split
 from torch.utils.data import DataLoader, DistributedSampler
 
 from torchloom.fabric import Fabric
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # docs/examples: the shared digits.py
+from digits import DigitsCNN, load_digits_split
 
 
 def build(fabric: Fabric, args: argparse.Namespace) -> dict[str, Any]:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from digits import DigitsCNN, load_digits_split
 from torch.utils.data import DataLoader, Subset
 
 from torchloom.core.loggers import CSVLogger, TensorBoardLogger
 from torchloom.fabric import Fabric
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # docs/examples: the shared digits.py
+from digits import DigitsCNN, load_digits_split
 
 
 def train(fabric: Fabric, args: argparse.Namespace) -> float:

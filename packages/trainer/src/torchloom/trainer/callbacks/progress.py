@@ -244,8 +244,9 @@ class TQDMProgressBar(ProgressBar):
 
         bar = self._bars.get(kind)
         if bar is not None:  # the training bar is reused from epoch to epoch
-            bar.reset(total=total)
+            # the description first: reset() redraws, and must not show the new epoch under the old number
             bar.set_description(description, refresh=False)
+            bar.reset(total=total)
             return
         below_training = kind != "train" and "train" in self._bars
         self._bars[kind] = tqdm(
