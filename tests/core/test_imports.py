@@ -22,6 +22,7 @@ def test_import_core_pulls_no_optional_dependency_and_no_product() -> None:
         "import torchloom.core.environments, torchloom.core.launchers, torchloom.core.checkpoint",
         "from torchloom.core.registry import STRATEGIES; STRATEGIES.names()",
         "import torchloom.core.loggers; from torchloom.core.loggers import CSVLogger, TensorBoardLogger",
+        "import torchloom.core.data",
     ],
 )
 def test_core_submodules_pull_no_optional_dependency(statement: str) -> None:

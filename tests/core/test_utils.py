@@ -17,7 +17,7 @@ from torchloom.core.utils import rank_zero
 from torchloom.core.utils.collections import apply_to_collection
 from torchloom.core.utils.imports import is_available, require
 from torchloom.core.utils.init import SkipInit
-from torchloom.core.utils.seed import seed_everything
+from torchloom.core.utils.seed import SEED_ENV, SEED_WORKERS_ENV, seed_everything
 
 
 class Pair(NamedTuple):
@@ -59,7 +59,11 @@ def test_require_names_the_install_line() -> None:
     assert "The DeepSpeed strategy" in str(info.value)
 
 
-def test_seed_everything_makes_every_generator_repeat() -> None:
+def test_seed_everything_makes_every_generator_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (SEED_ENV, SEED_WORKERS_ENV):  # it exports them: keep them out of later tests' jobs
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
     def draw() -> tuple[float, float, float]:
         return random.random(), float(np.random.rand()), torch.rand(1).item()
 

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    DistributedSampler,
-    IterableDataset,
-    Sampler,
-    SequentialSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from torchloom.core.data import seed_worker
 from torchloom.core.distributed import DistributedSamplerWrapper
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.seed import SEED_WORKERS_ENV
 from torchloom.trainer import LoomDataModule
-from torchloom.trainer.data import (
-    count_batches,
-    infer_batch_size,
-    set_sampler_epoch,
-    to_loader_list,
-    with_distributed_sampler,
-)
+from torchloom.trainer.data import count_batches, infer_batch_size, prepare_loader, to_loader_list
+from torchloom.trainer.data_source import DataSource
 
 from .engine_models import Regressor, dataset, loader, quiet_trainer
 
@@ -39,66 +29,66 @@ class Stream(IterableDataset[torch.Tensor]):
         return iter(torch.arange(10.0).view(5, 2))
 
 
-def test_train_loaders_get_a_shuffling_distributed_sampler_and_eval_loaders_an_ordered_one() -> None:
-    train = with_distributed_sampler(loader(16, batch_size=2, shuffle=True), SPLIT, train=True)
+def test_train_loaders_keep_shuffling_and_eval_loaders_are_split_in_order() -> None:
+    train = prepare_loader(loader(16, batch_size=2, shuffle=True), SPLIT, 1, "train")
     assert isinstance(train, DataLoader) and isinstance(train.sampler, DistributedSampler)
     assert train.sampler.shuffle and train.sampler.rank == 1 and train.batch_size == 2 and len(train) == 4
-    ordered = with_distributed_sampler(loader(16, batch_size=2, shuffle=True), SPLIT, train=False)
-    assert not ordered.sampler.shuffle  # type: ignore[attr-defined]
-    sequential = with_distributed_sampler(loader(16, batch_size=2), SPLIT, train=True)
+    for kind in ("val", "test", "predict"):
+        ordered = prepare_loader(loader(16, batch_size=2, shuffle=True), SPLIT, 1, kind)
+        assert not ordered.sampler.shuffle, kind  # type: ignore[attr-defined]
+    sequential = prepare_loader(loader(16, batch_size=2), SPLIT, 1, "train")
     assert not sequential.sampler.shuffle  # type: ignore[attr-defined]
     first = next(iter(sequential))[0]  # rank 1 of 2 takes samples 1, 3, 5, ...
     assert torch.equal(first, torch.stack([dataset(16)[1][0], dataset(16)[3][0]]))
+    plain_list = [1, 2, 3]  # any iterable of batches is used as it is
+    assert prepare_loader(plain_list, SPLIT, 1, "train") is plain_list
 
 
-def test_a_custom_sampler_is_wrapped_and_iterables_and_distributed_loaders_are_kept() -> None:
-    weighted = DataLoader(dataset(16), batch_size=4, sampler=WeightedRandomSampler([1.0] * 16, 16))
-    wrapped = with_distributed_sampler(weighted, SPLIT, train=True)
-    assert isinstance(wrapped.sampler, DistributedSamplerWrapper) and len(wrapped.sampler) == 8  # type: ignore[attr-defined]
-    stream = DataLoader(Stream(), batch_size=2)
-    assert with_distributed_sampler(stream, SPLIT, train=True) is stream
-    already = DataLoader(dataset(16), sampler=DistributedSampler(dataset(16), num_replicas=2, rank=0))
-    assert with_distributed_sampler(already, SPLIT, train=True) is already
-    plain_list = [1, 2, 3]
-    assert with_distributed_sampler(plain_list, SPLIT, train=True) is plain_list
-
-
-def test_batch_samplers_and_loader_subclasses() -> None:
-    by_batches = DataLoader(dataset(16), batch_sampler=BatchSampler(SequentialSampler(range(16)), 4, drop_last=False))
-    rebuilt = with_distributed_sampler(by_batches, SPLIT, train=True)
-    assert isinstance(rebuilt, DataLoader) and isinstance(rebuilt.batch_sampler, BatchSampler)
-    assert isinstance(rebuilt.batch_sampler.sampler, DistributedSampler)
-
+def test_loaders_are_split_on_the_ranks_of_a_ddp_strategy_custom_batch_samplers_too() -> None:
     class EveryOther(Sampler[list[int]]):
         def __iter__(self) -> Iterator[list[int]]:
-            return iter([[0, 2], [4, 6]])
+            return iter([[0, 2], [4, 6], [8, 10], [12, 14]])
 
         def __len__(self) -> int:
-            return 2
+            return 4
 
-    with pytest.raises(ConfigurationError, match=r"custom batch sampler EveryOther.*use_distributed_sampler=False"):
-        with_distributed_sampler(DataLoader(dataset(16), batch_sampler=EveryOther()), SPLIT, train=True)
-
-    class Tagged(DataLoader[Any]):
-        pass
-
-    assert type(with_distributed_sampler(Tagged(dataset(8), batch_size=2), SPLIT, train=True)) is Tagged
+    trainer = quiet_trainer(strategy="ddp", devices=2)
+    source = DataSource({"val": DataLoader(dataset(16), batch_sampler=EveryOther())}, None, "validate")
+    source.load(trainer, "val", required=True)
+    (split,) = source.loaders["val"]
+    assert isinstance(split.batch_sampler, DistributedSamplerWrapper) and source.counts["val"] == [2]  # type: ignore[attr-defined]
 
     class NeedsMore(DataLoader[Any]):
         def __init__(self, dataset: Any, tag: str, **kwargs: Any) -> None:
             super().__init__(dataset, **kwargs)
 
-    with pytest.raises(ConfigurationError, match="could not rebuild your NeedsMore"):
-        with_distributed_sampler(NeedsMore(dataset(8), "x", batch_size=2), SPLIT, train=True)
+    source = DataSource({"train": NeedsMore(dataset(8), "x", batch_size=2)}, None, "fit")
+    with pytest.raises(ConfigurationError, match=r"Cannot rebuild NeedsMore.*use_distributed_sampler=False"):
+        source.load(trainer, "train", required=True)
 
 
-def test_set_sampler_epoch_reshuffles_a_distributed_sampler() -> None:
-    train = with_distributed_sampler(loader(32, batch_size=4, shuffle=True), SPLIT, train=True)
-    set_sampler_epoch(train, 0)
-    first = list(iter(train.sampler))  # type: ignore[attr-defined]
-    set_sampler_epoch(train, 1)
-    assert list(iter(train.sampler)) != first  # type: ignore[attr-defined]
-    set_sampler_epoch([1, 2], 3)  # no sampler: nothing to do
+def test_workers_are_seeded_after_seed_everything_with_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SEED_WORKERS_ENV, "1")  # what seed_everything(seed, workers=True) exports
+    source = DataSource({"train": DataLoader(dataset(8), num_workers=2)}, None, "fit")
+    source.load(quiet_trainer(), "train", required=True)  # one process: nothing to split, workers still seeded
+    init = source.train_loader.worker_init_fn  # type: ignore[attr-defined]
+    assert isinstance(init, functools.partial) and init.func is seed_worker and init.keywords == {"rank": 0}
+    monkeypatch.setenv(SEED_WORKERS_ENV, "0")
+    source.load(quiet_trainer(), "train", required=True)
+    assert source.train_loader.worker_init_fn is None  # type: ignore[attr-defined]
+
+
+def test_fit_tells_the_sampler_each_epoch() -> None:
+    data = dataset(8)
+    sampler: DistributedSampler[Any] = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True)
+    epochs: list[int] = []
+
+    class Recording(Regressor):
+        def on_train_epoch_start(self) -> None:
+            epochs.append(sampler.epoch)
+
+    quiet_trainer(max_epochs=3).fit(Recording(), DataLoader(data, batch_size=4, sampler=sampler))
+    assert epochs == [0, 1, 2]
 
 
 def test_count_batches() -> None:

@@ -29,7 +29,7 @@ def run_job(mode: str, folder: Path) -> None:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK")
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK") and not k.startswith("TORCHLOOM_")
     }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(

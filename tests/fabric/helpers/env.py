@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from torchloom.core.utils.seed import SEED_ENV
+from torchloom.core.utils.seed import SEED_ENV, SEED_WORKERS_ENV
 from torchloom.fabric.connector import CLI_USED_ENV, ENV_VARS
-from torchloom.fabric.data import SEED_WORKERS_ENV
 
 NAMES = (*ENV_VARS.values(), CLI_USED_ENV, SEED_ENV, SEED_WORKERS_ENV, "LOCAL_RANK", "MASTER_PORT", "NODE_RANK")
 

@@ -46,6 +46,7 @@ REDUCE_OPS: dict[str, dist.ReduceOp.RedOpType] = {
     "product": dist.ReduceOp.PRODUCT,
 }
 _ALIASES = {"avg": "mean", "prod": "product"}
+_generation = 0  # default process groups this process has created (the store key prefix of the next)
 
 
 def is_distributed() -> bool:
@@ -67,7 +68,13 @@ def init_process_group(
     ``timeout`` is mandatory: without it a stalled rank hangs its peers for torch's 30-minute default.
     The rendezvous is ``tcp://main_address:main_port`` when both are given, else ``env://``
     (``MASTER_ADDR`` / ``MASTER_PORT``).
+
+    Each group this process creates gets its own key prefix in the rendezvous store: the store can
+    outlive a group (torch elastic's agent hosts it; torch reuses a multi-tenant store on the same
+    port), and a second group under the first one's keys would find stale peer addresses and fail.
+    All ranks create their groups in the same order, so they agree on the prefix.
     """
+    global _generation
     if not dist.is_available():
         raise RuntimeError("This build of torch has no torch.distributed; multi-process strategies cannot run.")
     if dist.is_initialized():
@@ -77,7 +84,17 @@ def init_process_group(
         init_method = f"tcp://{host}:{main_port}"
     else:
         init_method = "env://"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    if backend.lower() == "mpi":  # MPI's runtime does the rendezvous and assigns the ranks
+        dist.init_process_group(backend, timeout=timeout)
+        return True
+    from torch.distributed.distributed_c10d import PrefixStore  # only in builds with torch.distributed
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefixed = PrefixStore(f"torchloom/{_generation}/default_pg", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
+    _generation += 1
     return True
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from torchloom.core.data import set_sampler_epoch
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.redirection import call_through_forward
@@ -273,10 +274,7 @@ class FabricDataLoader:
                 f"iterated in process {os.getpid()}. Call setup_dataloaders in the process that uses it "
                 "(inside the function given to fabric.launch), on the plain DataLoader."
             )
-        for sampler in (getattr(self._dataloader, "sampler", None), getattr(self._dataloader, "batch_sampler", None)):
-            set_epoch = getattr(sampler, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(self._epoch)
+        set_sampler_epoch(self._dataloader, self._epoch)
         self._epoch += 1
         if self._device is None:
             return iter(self._dataloader)

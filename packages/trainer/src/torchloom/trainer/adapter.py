@@ -109,12 +109,9 @@ class StrategyAdapter:
         self._wrapped = wrapped
         return wrapped, optimizers
 
-    def release(self) -> None:
-        """Forgets the run's wrapper (the next run wraps the module afresh); the strategy stays set up."""
-        self._wrapped = None
-
     def teardown(self) -> None:
-        self.release()
+        """Forgets the run's wrapper (the next run wraps the module afresh) and tears the strategy down."""
+        self._wrapped = None
         self.strategy.teardown()
 
     # ------------------------------------------------------------------ the step

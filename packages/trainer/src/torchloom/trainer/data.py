@@ -2,42 +2,30 @@
 
 Dataloaders come from the arguments of ``fit``/``validate``/``test``/``predict``, else from the
 datamodule, else from the module's ``*_dataloader`` methods (neither base class defines them, so
-defining one is what opts in). Under a strategy that splits data, every ``DataLoader`` gets a
-``DistributedSampler`` (``use_distributed_sampler=True``): shuffling is kept from the original
-sampler (a ``RandomSampler`` shuffles), a custom sampler is wrapped in core's
-``DistributedSamplerWrapper``, and the sampler's seed is the one ``seed_everything`` exported.
+defining one is what opts in). Every ``DataLoader`` gets a distributed sampler under a strategy that
+splits data (``use_distributed_sampler=True``) and seeded workers after
+``seed_everything(..., workers=True)``: core's ``torchloom.core.data.prepare_dataloader`` does both.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-)
+from torch.utils.data import DataLoader
 
-from torchloom.core.distributed import DistributedSamplerWrapper
+from torchloom.core.data import prepare_dataloader
 from torchloom.core.errors import ConfigurationError
-from torchloom.core.utils.seed import SEED_ENV
 
 __all__ = [
     "KINDS",
     "count_batches",
     "find_dataloader_method",
     "infer_batch_size",
-    "set_sampler_epoch",
+    "prepare_loader",
     "to_loader_list",
-    "with_distributed_sampler",
 ]
 
 KINDS = ("train", "val", "test", "predict")
@@ -103,67 +91,15 @@ def count_batches(loader: Iterable[Any], limit: int | float, name: str) -> int |
     return count
 
 
-def with_distributed_sampler(loader: Iterable[Any], sampler_kwargs: dict[str, Any], train: bool) -> Iterable[Any]:
-    """``loader`` rebuilt with a ``DistributedSampler`` (or wrapper); unchanged when it needs none."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+def prepare_loader(loader: Iterable[Any], sampler_kwargs: dict[str, Any] | None, rank: int, kind: str) -> Iterable[Any]:
+    """A ``DataLoader`` split over processes (unless ``sampler_kwargs`` is ``None``) with seeded workers.
+
+    Training loaders keep shuffling; evaluation loaders are split in order, so every sample is seen
+    in a predictable place. Other iterables of batches are used as they are.
+    """
+    if not isinstance(loader, DataLoader):
         return loader
-    batch_sampler = loader.batch_sampler
-    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
-        raise ConfigurationError(
-            f"The dataloader uses the custom batch sampler {type(batch_sampler).__name__}, which the Trainer cannot "
-            "split over processes. Valid: shard it yourself and pass Trainer(use_distributed_sampler=False), or "
-            "use a plain sampler."
-        )
-    original: Sampler[Any] = batch_sampler.sampler if batch_sampler is not None else loader.sampler  # type: ignore[assignment]
-    if isinstance(original, DistributedSampler):
-        return loader
-    seed = int(os.environ.get(SEED_ENV, "0"))
-    sampler: Sampler[Any]
-    if type(original) in (RandomSampler, SequentialSampler):
-        shuffle = train and isinstance(original, RandomSampler)
-        sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, **sampler_kwargs)
-    else:
-        sampler = DistributedSamplerWrapper(original, shuffle=False, seed=seed, **sampler_kwargs)
-    return _rebuild(loader, sampler)
-
-
-def _rebuild(loader: DataLoader[Any], sampler: Sampler[Any]) -> DataLoader[Any]:
-    batch_sampler = loader.batch_sampler
-    kwargs: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    if loader.batch_size is None and batch_sampler is not None:
-        kwargs["batch_sampler"] = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)  # type: ignore[attr-defined]
-    else:
-        kwargs.update(batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
-    try:
-        return type(loader)(loader.dataset, **kwargs)
-    except TypeError as error:
-        raise ConfigurationError(
-            f"The Trainer could not rebuild your {type(loader).__name__} with a DistributedSampler ({error}). Valid: "
-            "a plain DataLoader, or shard the data yourself and pass Trainer(use_distributed_sampler=False)."
-        ) from error
-
-
-def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
-    """Tells a distributed sampler the epoch, so each epoch is shuffled differently (and alike on every rank)."""
-    for candidate in (
-        getattr(loader, "sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ):
-        set_epoch = getattr(candidate, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
+    return prepare_dataloader(loader, sampler_kwargs, rank, ordered=kind != "train")
 
 
 def infer_batch_size(batch: Any) -> int:

@@ -10,8 +10,8 @@ from torchloom.trainer.data import (
     KINDS,
     count_batches,
     find_dataloader_method,
+    prepare_loader,
     to_loader_list,
-    with_distributed_sampler,
 )
 
 if TYPE_CHECKING:
@@ -51,10 +51,10 @@ class DataSource:
             return
         config = trainer._config
         items = to_loader_list(raw, kind, where)
-        sampler_kwargs = trainer.strategy.distributed_sampler_kwargs
-        if config.use_distributed_sampler and sampler_kwargs is not None:
-            items = [with_distributed_sampler(item, sampler_kwargs, train=kind == "train") for item in items]
-        items = [trainer.strategy.process_dataloader(item) for item in items]
+        strategy = trainer.strategy
+        sampler_kwargs = strategy.distributed_sampler_kwargs if config.use_distributed_sampler else None
+        items = [prepare_loader(item, sampler_kwargs, strategy.global_rank, kind) for item in items]
+        items = [strategy.process_dataloader(item) for item in items]
         limit_name = _LIMIT[kind]
         limit = getattr(config, limit_name)
         self.loaders[kind] = items

@@ -13,7 +13,6 @@ validation checks, logging to the loggers, reloading dataloaders.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -56,25 +55,15 @@ def run_worker(
             callback.on_exception(trainer, module, exception)
         for logger in trainer.loggers:
             logger.finalize("failed")
-        _end_run(trainer, caller_pid)
+        trainer._adapter.teardown()
         raise
     for logger in trainer.loggers:
         logger.finalize("success")
-    _end_run(trainer, caller_pid)
+    trainer._adapter.teardown()  # a later fit/test in this process sets the strategy up afresh
     if trainer.strategy.root_device.type != "cpu":
         module.cpu()  # frees the device; results and the module are used on the CPU after a run
     trainer.state.stage = None
     return collect(trainer, output, caller_pid)
-
-
-def _end_run(trainer: Trainer, caller_pid: int) -> None:
-    """Tears the strategy down where this process ends with the run (a worker started for it) or never had
-    a launcher. A script-launched or torchrun worker outlives the run and keeps its process group for the
-    next fit/test: torch cannot build a second one on the store of the elastic agent."""
-    if trainer.strategy.launcher is None or os.getpid() != caller_pid:
-        trainer._adapter.teardown()
-    else:
-        trainer._adapter.release()
 
 
 def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:

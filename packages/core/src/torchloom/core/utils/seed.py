@@ -11,6 +11,7 @@ import torch
 __all__ = ["seed_everything"]
 
 SEED_ENV = "TORCHLOOM_GLOBAL_SEED"
+SEED_WORKERS_ENV = "TORCHLOOM_SEED_WORKERS"  # "1": dataloader workers get distinct seeds (see torchloom.core.data)
 
 
 def seed_everything(seed: int, workers: bool = False) -> int:
@@ -25,7 +26,7 @@ def seed_everything(seed: int, workers: bool = False) -> int:
 
         raise ConfigurationError(f"seed={seed!r} is not valid: use an int between 0 and {max_seed}.")
     os.environ[SEED_ENV] = str(seed)
-    os.environ["TORCHLOOM_SEED_WORKERS"] = "1" if workers else "0"
+    os.environ[SEED_WORKERS_ENV] = "1" if workers else "0"
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every device's generator too

@@ -13,7 +13,8 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from torchloom.trainer.data import infer_batch_size, set_sampler_epoch
+from torchloom.core.data import set_sampler_epoch
+from torchloom.trainer.data import infer_batch_size
 from torchloom.trainer.rng import capture_rng, restore_rng
 
 if TYPE_CHECKING:
