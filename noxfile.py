@@ -76,8 +76,9 @@ def lint(session: nox.Session) -> None:
 @nox.session(tags=["ci"])
 def typecheck(session: nox.Session) -> None:
     """mypy: strict for torchloom.core, checked defs for the products."""
-    _install_packages(session)
-    session.install(MYPY, "pytest", "hypothesis")
+    _install_packages(session, extras="tensorboard")
+    # optional packages imported lazily by the code: installed so mypy checks those calls too
+    session.install(MYPY, "pytest", "hypothesis", "rich")
     session.run("mypy", "-p", "torchloom.core", "-p", "torchloom.fabric", "-p", "torchloom.trainer")
 
 

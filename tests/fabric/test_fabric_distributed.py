@@ -11,40 +11,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.processes import explain, run_python
 
 HELPERS = Path(__file__).parent / "helpers"
 
 pytestmark = pytest.mark.slow
 
 
-def run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHLOOM_")}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
-        env.pop(name, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, str(HELPERS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-
-
-def explain(process: subprocess.CompletedProcess[str]) -> str:
-    return f"exit code {process.returncode}\n--- stdout\n{process.stdout[-4000:]}\n--- stderr\n{process.stderr[-6000:]}"
-
-
 def test_spawn_and_fork_jobs_and_a_registered_custom_strategy(tmp_path: Path) -> None:
-    process = run("dist_driver.py", str(tmp_path), timeout=180)
+    process = run_python(HELPERS / "dist_driver.py", str(tmp_path), timeout=180)
     assert process.returncode == 0, explain(process)
     lines = process.stdout.splitlines()
     results: dict[str, dict[str, Any]] = {}
@@ -79,7 +59,7 @@ def test_spawn_and_fork_jobs_and_a_registered_custom_strategy(tmp_path: Path) ->
 
 
 def test_ddp_launch_reruns_the_script_as_the_workers() -> None:
-    process = run("ddp_script.py", timeout=120)
+    process = run_python(HELPERS / "ddp_script.py", timeout=120)
     assert process.returncode == 0, explain(process)
     lines = process.stdout.splitlines()
     assert lines.count("BEFORE LAUNCH role=agent") == 1 and lines.count("BEFORE LAUNCH role=worker") == 2

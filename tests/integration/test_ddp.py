@@ -7,7 +7,6 @@ failed assertion fails its worker, which fails the launch.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.processes import explain, job_env, run_python
 from torchloom.core.environments.local import find_free_port
 
 from .helpers import ddp_checks
@@ -26,30 +26,8 @@ FAILURE_DEADLINE_S = 30.0
 pytestmark = pytest.mark.slow
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def run_script(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = clean_env()
-    return subprocess.run(
-        [sys.executable, str(HELPERS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-
-
-def explain(process: subprocess.CompletedProcess[str]) -> str:
-    return f"exit code {process.returncode}\n--- stdout\n{process.stdout[-4000:]}\n--- stderr\n{process.stderr[-6000:]}"
-
-
 def test_popen_launcher_runs_the_ddp_checks_on_two_workers(tmp_path: Path) -> None:
-    process = run_script("popen_worker.py", "checks", str(tmp_path), timeout=180)
+    process = run_python(HELPERS / "popen_worker.py", "checks", str(tmp_path), timeout=180)
     assert process.returncode == 0, explain(process)
     lines = process.stdout.splitlines()
     assert sum(line.startswith("STARTED role=agent") for line in lines) == 1, explain(process)
@@ -71,7 +49,7 @@ def test_popen_launcher_joins_two_nodes_into_one_job(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=clean_env(NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            env=job_env(NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         )
         for rank in (0, 1)
     ]
@@ -88,7 +66,7 @@ def test_popen_launcher_joins_two_nodes_into_one_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["raise", "kill"])
 def test_popen_launcher_reports_a_failed_worker_quickly(tmp_path: Path, mode: str) -> None:
     start = time.monotonic()
-    process = run_script("popen_worker.py", mode, str(tmp_path), timeout=120)
+    process = run_python(HELPERS / "popen_worker.py", mode, str(tmp_path), timeout=120)
     elapsed = time.monotonic() - start
     assert process.returncode != 0, explain(process)
     assert elapsed < FAILURE_DEADLINE_S, f"took {elapsed:.1f} s\n{explain(process)}"
@@ -103,7 +81,7 @@ def test_popen_launcher_reports_a_failed_worker_quickly(tmp_path: Path, mode: st
 
 
 def test_multiprocessing_launchers_run_checks_and_report_failures(tmp_path: Path) -> None:
-    process = run_script("mp_driver.py", str(tmp_path), "fork", "spawn", timeout=240)
+    process = run_python(HELPERS / "mp_driver.py", str(tmp_path), "fork", "spawn", timeout=240)
     assert process.returncode == 0, explain(process)
     outcomes: dict[tuple[str, str], dict[str, Any]] = {}
     for line in process.stdout.splitlines():

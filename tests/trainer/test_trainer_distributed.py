@@ -9,15 +9,13 @@ that ends every rank at the same step although the ranks disagree.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.processes import explain, run_python
 
 SCRIPT = Path(__file__).with_name("engine_ddp_run.py")
 
@@ -26,27 +24,8 @@ pytestmark = pytest.mark.slow
 
 def run_job(mode: str, folder: Path) -> None:
     """Runs the job in its own process group, so a timeout can kill the workers too, not just the caller."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK") and not k.startswith("TORCHLOOM_")
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, str(folder)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the {mode} job did not finish in 150 s\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    process = run_python(SCRIPT, mode, str(folder), timeout=150)
+    assert process.returncode == 0, explain(process)
 
 
 def read(folder: Path, name: str) -> dict[str, Any]:
