@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from .test_ddp import explain, run_script
+from tests.processes import explain, run_python
 
 pytestmark = pytest.mark.slow
 
 
 def test_popen_workers_rebuild_the_default_process_group() -> None:
-    process = run_script("reinit_worker.py", timeout=90)
+    process = run_python(Path(__file__).parent / "helpers" / "reinit_worker.py", timeout=90)
     assert process.returncode == 0, explain(process)
     lines = process.stdout.splitlines()
     # rank r adds r + 1 + round: sums 3, 5, 7 on both ranks
