@@ -18,7 +18,7 @@ from torchloom.core import registry as registry_module
 from torchloom.core.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator, XLAAccelerator
 from torchloom.core.connector import Connector
 from torchloom.core.errors import ConfigurationError
-from torchloom.core.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from torchloom.core.precision import DoublePrecision
 from torchloom.core.registry import ACCELERATORS, PRECISIONS, STRATEGIES, Registry
 from torchloom.core.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -51,23 +51,6 @@ def test_builtin_accelerators(name: str, cls: type) -> None:
     assert ACCELERATORS.factory(name) is cls
     assert type(ACCELERATORS.get(name)) is cls
     assert ACCELERATORS.description(name)
-
-
-@pytest.mark.parametrize(
-    ("name", "cls"),
-    [
-        ("64-true", DoublePrecision),
-        ("32-true", Precision),
-        ("16-mixed", MixedPrecision),
-        ("bf16-mixed", MixedPrecision),
-        ("16-true", HalfPrecision),
-        ("bf16-true", HalfPrecision),
-    ],
-)
-def test_builtin_precisions(name: str, cls: type[Precision]) -> None:
-    precision = PRECISIONS.get(name)
-    assert type(precision) is cls
-    assert precision.name == name
 
 
 @pytest.mark.parametrize(
