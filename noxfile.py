@@ -127,3 +127,14 @@ def demo(session: nox.Session) -> None:
     for product in ("fabric", "trainer"):
         session.log(f"the {product} example: docs/examples/{product}/train_digits.py")
         session.run("python", f"docs/examples/{product}/train_digits.py", *session.posargs, env=env)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite (issue 5): plain PyTorch vs Fabric vs the Trainer per step, and import time.
+
+    Prints one table with PASS/FAIL against the targets and writes the same numbers to bench.json
+    (`nox -s bench -- --json other.json --reps 7`). Slow and noisy by nature: not part of CI.
+    """
+    _install_packages(session)
+    session.run("python", "-m", "tools.bench", *(session.posargs or ["--json", "bench.json"]))

@@ -1,0 +1,1 @@
+"""Benchmarks: what torchloom costs against plain PyTorch, measured side by side (``python -m tools.bench``)."""
