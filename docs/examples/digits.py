@@ -7,6 +7,10 @@ The data ships inside scikit-learn (1797 images), so nothing is downloaded. The 
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -55,3 +59,17 @@ class DigitsCNN(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.classifier(self.features(images))
         return logits
+
+
+def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both examples share: where and how to run (DDP on 2 CPU processes by default)."""
+    parser.add_argument("--accelerator", default="cpu", help="cpu, cuda, mps, auto, ... (default: cpu)")
+    parser.add_argument("--strategy", default="ddp", help="ddp, ddp_spawn, auto, ... (default: ddp)")
+    parser.add_argument("--devices", default="2", help="how many devices (processes), or a list (default: 2)")
+    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, ... (default: 32-true)")
+
+
+def tensorboard_program() -> str:
+    """``tensorboard``, by its full path when it is installed beside this Python (a venv the shell may not have on PATH)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    return str(beside) if beside.is_file() else "tensorboard"

@@ -27,7 +27,7 @@ from torchloom.core.loggers import CSVLogger, TensorBoardLogger
 from torchloom.fabric import Fabric
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # docs/examples: the shared digits.py
-from digits import DigitsCNN, load_digits_split
+from digits import DigitsCNN, add_hardware_arguments, load_digits_split, tensorboard_program
 
 
 def train(fabric: Fabric, args: argparse.Namespace) -> float:
@@ -104,18 +104,9 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, test_loader: Iterable[list[
     return float(correct / total)
 
 
-def tensorboard_program() -> str:
-    """``tensorboard``, by its full path when it is installed beside this Python (a venv the shell may not have on PATH)."""
-    beside = Path(sys.executable).parent / "tensorboard"
-    return str(beside) if beside.is_file() else "tensorboard"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a small CNN on the 8x8 digits with Fabric.")
-    parser.add_argument("--accelerator", default="cpu", help="cpu, cuda, mps, auto, ... (default: cpu)")
-    parser.add_argument("--strategy", default="ddp", help="ddp, ddp_spawn, auto, ... (default: ddp)")
-    parser.add_argument("--devices", default="2", help="how many devices (processes), or a list (default: 2)")
-    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, ... (default: 32-true)")
+    add_hardware_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--lr", type=float, default=3e-3)

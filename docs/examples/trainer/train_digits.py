@@ -30,7 +30,7 @@ from torchloom.trainer import LoomDataModule, LoomModule, Trainer
 from torchloom.trainer.callbacks import EarlyStopping, ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # docs/examples: the shared digits.py
-from digits import DigitsCNN, load_digits_tensors, split_digits
+from digits import DigitsCNN, add_hardware_arguments, load_digits_tensors, split_digits, tensorboard_program
 
 Sample = tuple[torch.Tensor, ...]  # (image, label)
 Batch = list[torch.Tensor]  # [images, labels], as the default collate makes them
@@ -156,18 +156,9 @@ def report(trainer: Trainer, args: argparse.Namespace, accuracy: float, seconds:
     )
 
 
-def tensorboard_program() -> str:
-    """``tensorboard``, by its full path when it is installed beside this Python (a venv the shell may not have on PATH)."""
-    beside = Path(sys.executable).parent / "tensorboard"
-    return str(beside) if beside.is_file() else "tensorboard"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a small CNN on the 8x8 digits with the Trainer.")
-    parser.add_argument("--accelerator", default="cpu", help="cpu, cuda, mps, auto, ... (default: cpu)")
-    parser.add_argument("--strategy", default="ddp", help="ddp, ddp_spawn, auto, ... (default: ddp)")
-    parser.add_argument("--devices", default="2", help="how many devices (processes), or a list (default: 2)")
-    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, ... (default: 32-true)")
+    add_hardware_arguments(parser)
     parser.add_argument("--max-epochs", type=int, default=20, help="early stopping may end the fit sooner")
     parser.add_argument("--patience", type=int, default=3, help="epochs without a lower val_loss before stopping")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
