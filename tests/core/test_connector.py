@@ -533,7 +533,7 @@ def test_rejects_unavailable_accelerator_instance() -> None:
     rejected("CUDAAccelerator()", "not available", "Available: 'auto', 'cpu'", accelerator=CUDAAccelerator())
 
 
-@pytest.mark.parametrize("strategy", ["foo", "", "fsdp", "DDP ", 5, None, DDPStrategy])
+@pytest.mark.parametrize("strategy", ["foo", "", "fsdp9", "DDP ", 5, None, DDPStrategy])
 def test_rejects_unknown_strategy(strategy: Any) -> None:
     rejected(
         f"strategy={strategy!r}", "'auto', 'ddp', 'ddp_fork'", "'single_device'", "Strategy instance", strategy=strategy

@@ -23,7 +23,8 @@ what the earlier ones decided:
 6. Strategy: ``"auto"`` is single-device for one device on one node, else ``"ddp"``, or
    ``"ddp_notebook"`` in an interactive session; names are built from ``STRATEGIES``. Then the
    combination rules of ``connector_rules.check_strategy_fits``.
-7. Precision built; a mixed precision gets the devices' type (``device_type``).
+7. Precision built; a mixed precision gets the devices' type (``device_type``); then the strategy may swap in
+   its own variant of it, or refuse it (``strategy.adapt_precision``).
 8. Wiring: accelerator, precision, checkpoint IO, and for a ``ParallelStrategy`` the devices, cluster
    environment, node count and world ranks; then ``configure_launcher()``; then the interactive rule.
 """
@@ -145,7 +146,7 @@ class Connector:
         strategy, chosen = _build_strategy(strategy_arg, devices, num_nodes)
         label = describe(self._strategy) + (f" (which chose {chosen!r})" if strategy_arg == "auto" else "")
         check_strategy_fits(strategy, label, devices, num_nodes)
-        precision = _build_precision(precision_spec, devices[0].type)
+        precision = strategy.adapt_precision(_build_precision(precision_spec, devices[0].type))
         checkpoint_io = plugins.checkpoint_io or strategy.checkpoint_io
 
         strategy.accelerator = accelerator

@@ -171,3 +171,12 @@ STRATEGIES.register(
     description="DDP; forked workers, safe in notebooks",
     start_method="notebook",
 )
+STRATEGIES.register(
+    "fsdp", f"{_P}.strategies.fsdp:FSDPStrategy", description="fully sharded data parallel (fully_shard)"
+)
+STRATEGIES.register(
+    "fsdp_cpu_offload",
+    f"{_P}.strategies.fsdp:FSDPStrategy",
+    description="fully sharded data parallel, shards kept on the CPU",
+    cpu_offload=True,
+)

@@ -1,4 +1,6 @@
-"""The ``torchloom`` console script: ``torchloom run [OPTIONS] SCRIPT [SCRIPT_ARGS...]``.
+"""The ``torchloom`` console script: ``torchloom run [OPTIONS] SCRIPT [SCRIPT_ARGS...]`` and
+``torchloom consolidate CHECKPOINT_DIR OUTPUT_FILE`` (a sharded checkpoint -> one file, see
+``torchloom.core.checkpoint.consolidate``).
 
 ``run`` checks the options first (a typo fails at once, naming the valid values), exports them as the
 ``TORCHLOOM_*`` variables that ``FabricConnector`` reads in every worker (the CLI's values win over the
@@ -105,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="numeric precision: '32-true', 'bf16-mixed', '16-mixed', '64-true', 'bf16-true', '16-true' or a "
         "legacy spelling 32, 16, bf16, 64 (default: the script's choice)",
     )
+    consolidate = commands.add_parser(
+        "consolidate",
+        help="turn a sharded checkpoint directory into one file that torch.load(weights_only=True) reads",
+        description="Read the sharded checkpoint CHECKPOINT_DIR (saved with state_dict_type='sharded', by any "
+        "number of ranks) in this one process and write it as the single file OUTPUT_FILE, with full tensors "
+        "and the structure of a full save. Needs memory for the whole checkpoint; no process group.",
+    )
+    consolidate.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="the sharded checkpoint directory")
+    consolidate.add_argument("output_file", metavar="OUTPUT_FILE", help="the file to write")
+    consolidate.add_argument("--overwrite", action="store_true", help="replace OUTPUT_FILE if it exists")
     return parser
 
 
@@ -115,12 +127,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "consolidate":
+        return _consolidate(args)
     try:
         plan = plan_run(args)
     except ConfigurationError as error:
         print(f"torchloom run: error: {error}", file=sys.stderr)
         return 2
     return launch(plan)
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from torchloom.core.checkpoint.consolidate import consolidate
+
+    try:
+        written = consolidate(args.checkpoint_dir, args.output_file, overwrite=args.overwrite)
+    except ConfigurationError as error:
+        print(f"torchloom consolidate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {written}")
+    return 0
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:

@@ -25,13 +25,17 @@ from typing_extensions import override
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
-from torchloom.core.errors import ConfigurationError, choices
+from torchloom.core.errors import ConfigurationError
 from torchloom.core.precision.precision import Precision
-from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
+from torchloom.core.strategies.parallel import (
+    DEFAULT_TIMEOUT,
+    START_METHODS,
+    ParallelStrategy,
+    check_start_method,
+    launcher_for,
+)
 
 __all__ = ["START_METHODS", "DDPStrategy"]
-
-START_METHODS = ("popen", "spawn", "fork", "notebook")
 
 
 class DDPStrategy(ParallelStrategy):
@@ -62,9 +66,7 @@ class DDPStrategy(ParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        if start_method not in START_METHODS:
-            raise ConfigurationError(f"start_method={start_method!r} is not valid. Valid: {choices(START_METHODS)}.")
-        self._start_method = start_method
+        self._start_method = check_start_method(start_method)
         self._ddp_kwargs = ddp_kwargs
 
     @property
@@ -73,20 +75,7 @@ class DDPStrategy(ParallelStrategy):
 
     @override
     def configure_launcher(self) -> None:
-        if self._start_method == "popen":
-            from torchloom.core.launchers.subprocess_script import SubprocessScriptLauncher
-
-            self._launcher = SubprocessScriptLauncher(
-                self.cluster_environment,
-                self.num_processes,
-                self.num_nodes,
-                timeout=self.timeout,
-                worker_setup=self.setup_environment,
-            )
-        else:
-            from torchloom.core.launchers.multiprocessing import MultiprocessingLauncher
-
-            self._launcher = MultiprocessingLauncher(self, start_method=self._start_method)
+        self._launcher = launcher_for(self, self._start_method)
 
     @override
     def setup_module(self, module: nn.Module) -> DistributedDataParallel:

@@ -12,16 +12,22 @@ from torchloom.core import distributed
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import ConfigurationError, choices
+from torchloom.core.launchers.launcher import Launcher
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.strategy import ReduceOp, Strategy
 from torchloom.core.utils import rank_zero
 
-__all__ = ["DEFAULT_TIMEOUT", "ParallelStrategy"]
+__all__ = ["DEFAULT_TIMEOUT", "START_METHODS", "ParallelStrategy", "check_start_method", "launcher_for"]
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+# How the workers of a one-process-per-device strategy come to exist:
+# "popen": the script is run again as N workers under torch.distributed.elastic (the engine behind torchrun);
+# "spawn" / "fork": torch.multiprocessing; "notebook": fork, refusing when CUDA is already initialised.
+START_METHODS = ("popen", "spawn", "fork", "notebook")
 
 
 class ParallelStrategy(Strategy):
@@ -207,3 +213,27 @@ class ParallelStrategy(Strategy):
             f"num_nodes={self._num_nodes}, num_processes={self.num_processes}, "
             f"cluster_environment={self._cluster_environment!r})"
         )
+
+
+def check_start_method(start_method: str) -> str:
+    """``start_method`` if it is one of ``START_METHODS``, else a ``ConfigurationError`` listing them."""
+    if start_method not in START_METHODS:
+        raise ConfigurationError(f"start_method={start_method!r} is not valid. Valid: {choices(START_METHODS)}.")
+    return start_method
+
+
+def launcher_for(strategy: ParallelStrategy, start_method: str) -> Launcher:
+    """The launcher that starts ``strategy``'s workers with ``start_method`` (one of ``START_METHODS``)."""
+    if check_start_method(start_method) == "popen":
+        from torchloom.core.launchers.subprocess_script import SubprocessScriptLauncher
+
+        return SubprocessScriptLauncher(
+            strategy.cluster_environment,
+            strategy.num_processes,
+            strategy.num_nodes,
+            timeout=strategy.timeout,
+            worker_setup=strategy.setup_environment,
+        )
+    from torchloom.core.launchers.multiprocessing import MultiprocessingLauncher
+
+    return MultiprocessingLauncher(strategy, start_method=start_method)

@@ -85,6 +85,14 @@ class Strategy(ABC):
     def configure_launcher(self) -> None:
         """Builds ``self._launcher`` once the strategy is fully wired. Single-process: none."""
 
+    def adapt_precision(self, precision: Precision) -> Precision:
+        """The precision to run with, given the one the user chose (the connector calls it).
+
+        A strategy that needs its own variant of a precision returns it here, and one that cannot run
+        a precision raises ``ConfigurationError`` listing those it can. The default keeps ``precision``.
+        """
+        return precision
+
     # ------------------------------------------------------------------ topology
     @property
     @abstractmethod
@@ -232,10 +240,13 @@ class Strategy(ABC):
     def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         unwrap_module(module).load_state_dict(state_dict, strict=strict)
 
-    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+    def get_optimizer_state(self, optimizer: Optimizer, module: nn.Module | None = None) -> dict[str, Any]:
+        """``optimizer``'s state. ``module`` owns its parameters; sharded strategies need it (state keyed by name)."""
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    def load_optimizer_state(
+        self, optimizer: Optimizer, state_dict: dict[str, Any], module: nn.Module | None = None
+    ) -> None:
         optimizer.load_state_dict(state_dict)
 
     def convert_state(self, state: dict[str, Any], filter: StateFilter | None = None) -> dict[str, Any]:
