@@ -172,6 +172,11 @@ STRATEGIES.register(
     start_method="notebook",
 )
 STRATEGIES.register(
+    "model_parallel",
+    f"{_P}.strategies.model_parallel:ModelParallelStrategy",
+    description="DTensor tensor parallel and/or FSDP2 over a 2-D device mesh (parallelize_fn)",
+)
+STRATEGIES.register(
     "fsdp", f"{_P}.strategies.fsdp:FSDPStrategy", description="fully sharded data parallel (fully_shard)"
 )
 STRATEGIES.register(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torchloom.core.precision.amp import MixedPrecision
 from torchloom.core.precision.double import DoublePrecision
+from torchloom.core.precision.fsdp import FSDPPrecision
 from torchloom.core.precision.half import HalfPrecision
 from torchloom.core.precision.precision import Precision
 
-__all__ = ["DoublePrecision", "HalfPrecision", "MixedPrecision", "Precision"]
+__all__ = ["DoublePrecision", "FSDPPrecision", "HalfPrecision", "MixedPrecision", "Precision"]
