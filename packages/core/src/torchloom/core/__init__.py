@@ -27,6 +27,10 @@ _EXPORTS = {
     "ParallelStrategy": "strategies",
     "SingleDeviceStrategy": "strategies",
     "DDPStrategy": "strategies",
+    "ShardedStrategy": "strategies",
+    "FSDPStrategy": "strategies",
+    "ModelParallelStrategy": "strategies",
+    "FSDPPrecision": "precision",
     "Connector": "connector",
     "Setup": "connector",
     "ConfigurationError": "errors",
@@ -42,11 +46,15 @@ __all__ = [
     "ConfigurationError",
     "Connector",
     "DDPStrategy",
+    "FSDPPrecision",
+    "FSDPStrategy",
     "Launcher",
     "MPSAccelerator",
+    "ModelParallelStrategy",
     "ParallelStrategy",
     "Precision",
     "Setup",
+    "ShardedStrategy",
     "SingleDeviceStrategy",
     "Strategy",
     "TorchCheckpointIO",
@@ -68,8 +76,16 @@ if TYPE_CHECKING:
     from torchloom.core.environments import ClusterEnvironment
     from torchloom.core.errors import ConfigurationError, TorchloomError
     from torchloom.core.launchers import Launcher
-    from torchloom.core.precision import Precision
-    from torchloom.core.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, Strategy
+    from torchloom.core.precision import FSDPPrecision, Precision
+    from torchloom.core.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        ParallelStrategy,
+        ShardedStrategy,
+        SingleDeviceStrategy,
+        Strategy,
+    )
 
 
 def __getattr__(name: str) -> Any:
