@@ -1,7 +1,8 @@
 """Peak memory per rank: plain PyTorch vs Fabric vs the Trainer, and DDP vs FSDP.
 
 Each process reports its own peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) after training the
-larger workload of ``step_overhead.py`` for N steps in 32-true, with that file's training code: one process, and
+larger workload of ``step_overhead.py`` for N steps in 32-true (every child with ``MEMORY_ENV``: freed large
+blocks go back to the system, so the peak is what was live, not heap fragmentation), with that file's training code: one process, and
 2-rank DDP under torchrun (a job counts as the largest of its ranks). Fresh processes, interleaved
 (plain, Fabric, Trainer, plain, ...), medians over repetitions. Target: at most 5% above plain PyTorch.
 
@@ -19,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tools.bench.common import Job, Row, fsdp_available, load_job, ratio_rows, run_job, write_report
+from tools.bench.common import MEMORY_ENV, Job, Row, fsdp_available, load_job, ratio_rows, run_job, write_report
 from tools.bench.step_overhead import SEED, WORKLOADS
 
 __all__ = ["SHARDED_MODEL", "run_memory"]
@@ -33,7 +34,7 @@ SHARDING_STRATEGIES = ("ddp", "fsdp")
 
 
 def _peak(job: Job, module: str = "tools.bench.step_overhead") -> float:
-    return float(max(report["max_rss"] for report in run_job(job, module)))
+    return float(max(report["max_rss"] for report in run_job(job, module, env=MEMORY_ENV)))
 
 
 def _training_rows(repetitions: int, quick: bool, scratch: str) -> list[Row]:
