@@ -142,8 +142,10 @@ def load_raw_state(strategy: Strategy, path: Any, obj: Any, strict: bool, weight
     state_dict = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
     if isinstance(obj, nn.Module):
         strategy.load_module_state_dict(unwrap_module(obj, "load_raw"), state_dict, strict=strict)
+    elif isinstance(obj, FabricOptimizer):
+        obj.load_state_dict(state_dict)  # with the module it knows (sharded strategies need it)
     elif isinstance(obj, Optimizer):
-        strategy.load_optimizer_state(unwrap_optimizer(obj, "load_raw"), state_dict)
+        strategy.load_optimizer_state(obj, state_dict)
     elif callable(getattr(obj, "load_state_dict", None)):
         obj.load_state_dict(state_dict)
     else:

@@ -1,12 +1,17 @@
 """Catching wrong use of Fabric's wrappers: the errors, and the bookkeeping behind them.
 
-Two rules need state that outlives a single call:
+Three rules need state that outlives a single call:
 
 - **Optimizers step through Fabric.** An optimizer over the parameters of a set-up module must be the
   ``FabricOptimizer`` that ``fabric.setup`` returned: stepping the raw one (never set up, or the
   object inside a ``FabricOptimizer``) would skip the precision's grad scaler and the strategy's step.
   A process-wide optimizer step pre-hook checks each step against the parameters and optimizers set
   up in this process. Optimizers over other parameters (a plain PyTorch model next to Fabric) are left alone.
+- **Optimizers see the set-up parameters.** A strategy may replace a module's parameters when it sets it
+  up (FSDP and tensor parallelism make new DTensor parameters). An optimizer built before
+  ``fabric.setup_module`` still holds the old ones, and stepping it would train tensors the model no
+  longer uses: ``fabric.setup_optimizers`` and the step check refuse it. Nothing here asks which
+  strategy did it; the parameters a set-up module no longer has are recorded as replaced.
 - **Backward goes through Fabric** where the strategy or the precision customises it (``16-mixed``
   scales the loss). ``FabricModule`` puts a gradient hook on its outputs that fails unless
   ``fabric.backward`` is running.
@@ -31,11 +36,15 @@ from torchloom.core.strategies.strategy import Strategy
 
 __all__ = [
     "FabricUsageError",
+    "check_not_replaced",
     "customizes_backward",
     "fabric_backward",
     "guard_backward",
-    "register_params",
+    "module_holding",
+    "register_module",
     "register_optimizer",
+    "register_params",
+    "register_replaced",
     "set_up_by",
     "stepping_through_fabric",
 ]
@@ -49,6 +58,10 @@ class FabricUsageError(TorchloomError, RuntimeError):
 _PARAMS: dict[int, tuple[weakref.ref[Tensor], str]] = {}
 # id(optimizer) -> weak reference: raw optimizers wrapped in a FabricOptimizer in this process
 _OPTIMIZERS: dict[int, weakref.ref[Optimizer]] = {}
+# id(tensor) -> weak reference: parameters that a module's setup replaced with new ones
+_REPLACED: dict[int, weakref.ref[Tensor]] = {}
+# id(module) -> weak reference: the modules the strategies returned in this process (to pair optimizers with)
+_MODULES: dict[int, weakref.ref[nn.Module]] = {}
 _state = {"stepping": 0, "backward": 0, "hook_installed": False}
 
 
@@ -62,6 +75,49 @@ def register_params(params: Iterable[Tensor], owner: str) -> None:
     for param in params:
         key = id(param)
         _PARAMS[key] = (weakref.ref(param, _forget(_PARAMS, key)), owner)
+
+
+def register_replaced(before: Iterable[Tensor], after: Iterable[Tensor]) -> None:
+    """Records the parameters of ``before`` (a module's, ahead of its setup) that ``after`` no longer holds."""
+    current = {id(p) for p in after}
+    for param in before:
+        key = id(param)
+        if key not in current:
+            _REPLACED[key] = weakref.ref(param, _forget(_REPLACED, key))
+
+
+def register_module(module: nn.Module) -> None:
+    """Records a module a strategy set up, so that optimizers set up later can be paired with it."""
+    key = id(module)
+    _MODULES[key] = weakref.ref(module, _forget(_MODULES, key))
+
+
+def module_holding(optimizer: Optimizer) -> nn.Module | None:
+    """The set-up module that holds all of ``optimizer``'s parameters, or ``None``."""
+    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for ref in list(_MODULES.values()):
+        module = ref()
+        if module is not None and wanted <= {id(p) for p in module.parameters()}:
+            return module
+    return None
+
+
+def _replaced(optimizer: Optimizer) -> list[Tensor]:
+    params: Iterable[Tensor] = (p for group in optimizer.param_groups for p in group["params"])
+    return [p for p in params if (ref := _REPLACED.get(id(p))) is not None and ref() is p]
+
+
+def check_not_replaced(optimizer: Optimizer, strategy: str) -> None:
+    """Refuses an optimizer holding parameters that a module's setup replaced (built before ``setup_module``)."""
+    replaced = _replaced(optimizer)
+    if replaced:
+        raise FabricUsageError(
+            f"The {type(optimizer).__name__} holds {len(replaced)} parameter(s) that {strategy} replaced when it set "
+            "the module up (it shards them into new tensors), so stepping it would not train the model. Build the "
+            "optimizer after setup_module, from the set-up module: `model = fabric.setup_module(model); optimizer = "
+            "fabric.setup_optimizers(Adam(model.parameters()))`, or pass both to `model, optimizer = "
+            "fabric.setup(model, optimizer)`, which points the optimizer at the new parameters."
+        )
 
 
 def register_optimizer(optimizer: Optimizer) -> None:
@@ -102,6 +158,7 @@ def stepping_through_fabric() -> Generator[None, None, None]:
 def _check_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
     if _state["stepping"] or not (_PARAMS or _OPTIMIZERS):
         return
+    check_not_replaced(optimizer, "the strategy")
     if _is_registered_optimizer(optimizer):
         raise FabricUsageError(
             f"{type(optimizer).__name__}.step() was called on the raw optimizer that a FabricOptimizer wraps. "

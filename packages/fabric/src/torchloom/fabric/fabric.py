@@ -12,6 +12,9 @@ Rules Fabric enforces (each with an error that says what to do, see ``checks.py`
   ``torchloom run``, under which Fabric sets the process up when it is built).
 - A module is set up once; ``setup`` refuses a ``FabricModule`` or a module this Fabric set up already.
 - Optimizers over set-up parameters step through the ``FabricOptimizer`` that ``setup`` returned.
+- Where setup replaces the parameters (FSDP, model parallel shard them into new tensors), an optimizer
+  built before ``setup_module`` is refused by ``setup_optimizers``: build it afterwards, or pass it to
+  ``setup(model, optimizer)``, which points it at the new parameters.
 - Where the strategy or precision customises backward (``16-mixed`` scales the loss; ``bf16-mixed``
   shares its class), ``loss.backward()`` on a ``FabricModule``'s output raises: use ``fabric.backward``.
 - A ``FabricDataLoader`` is iterated in the process that set it up.
@@ -218,7 +221,8 @@ class Fabric:
         """Sets up ``module`` with its optimizers (and LR scheduler) for the strategy and precision.
 
         Returns the ``FabricModule``, or ``(module, *optimizers)`` with optimizers, plus the scheduler last
-        when one is given. ``move_to_device=False`` leaves the parameters where they are.
+        when one is given. ``move_to_device=False`` leaves the parameters where they are. Optimizers built
+        over the module before it is sharded (FSDP, model parallel) are pointed at the sharded parameters.
         """
         self._require_launched("setup")
         check_module(module, self._token)
@@ -232,7 +236,7 @@ class Fabric:
         else:
             forward_module, raw = self._strategy.setup_module(module), []
         fabric_module = self._wrap_module(forward_module, module, before)
-        wrapped = [self._wrap_optimizer(optimizer, given) for optimizer, given in zip(raw, optimizers)]
+        wrapped = [self._wrap_optimizer(o, given, forward_module) for o, given in zip(raw, optimizers, strict=True)]
         if not optimizers and scheduler is None:
             return fabric_module
         return (fabric_module, *wrapped) if scheduler is None else (fabric_module, *wrapped, scheduler)
@@ -262,7 +266,11 @@ class Fabric:
         if not optimizers:
             raise ConfigurationError("setup_optimizers() got no optimizer; pass one or more torch optimizers.")
         check_optimizers(optimizers)
-        wrapped = [self._wrap_optimizer(self._strategy.setup_optimizer(o), o) for o in optimizers]
+        for optimizer in optimizers:
+            checks.check_not_replaced(optimizer, type(self._strategy).__name__)
+        wrapped = [
+            self._wrap_optimizer(self._strategy.setup_optimizer(o), o, checks.module_holding(o)) for o in optimizers
+        ]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
     @overload
@@ -299,16 +307,20 @@ class Fabric:
         return module
 
     def _wrap_module(self, forward_module: nn.Module, module: nn.Module, before: list[nn.Parameter]) -> FabricModule:
-        checks.register_params([*before, *module.parameters()], self._token)
+        # sharding strategies replace the parameters: the old ones stay known, to catch optimizers holding them
+        after = list(module.parameters())
+        checks.register_params([*before, *after], self._token)
+        checks.register_replaced(before, after)
+        checks.register_module(forward_module)
         if self._strategy.requires_joint_setup:
             self._joint_modules.append(forward_module)
         guard = checks.customizes_backward(self._strategy, self._precision)
         return FabricModule(forward_module, module, self._precision, guard_backward=guard)
 
-    def _wrap_optimizer(self, optimizer: Optimizer, given: Optimizer) -> FabricOptimizer:
+    def _wrap_optimizer(self, optimizer: Optimizer, given: Optimizer, module: nn.Module | None) -> FabricOptimizer:
         checks.register_optimizer(optimizer)
         checks.register_optimizer(given)
-        return FabricOptimizer(optimizer, self._strategy, self._callbacks)
+        return FabricOptimizer(optimizer, self._strategy, self._callbacks, module=module)
 
     # ------------------------------------------------------------------ the step
     def backward(self, tensor: Tensor, *args: Any, model: FabricModule | None = None, **kwargs: Any) -> None:
@@ -375,7 +387,9 @@ class Fabric:
     def init_module(self, empty_init: bool | None = None) -> contextlib.AbstractContextManager[None]:
         """Builds a model inside it directly on the device, in the precision's dtype.
 
-        ``empty_init=True`` skips weight initialisation (for weights a checkpoint will overwrite).
+        ``empty_init=True`` skips weight initialisation (for weights a checkpoint will overwrite). With a
+        sharded strategy (FSDP, model parallel) it builds the model on the meta device instead, and
+        ``setup`` gives each rank memory and initial values for its own shards only.
         """
         self._require_launched("init_module")
         return self._strategy.module_init_context(empty_init)
@@ -454,13 +468,16 @@ class Fabric:
     ) -> None:
         """Saves ``state`` (names -> modules, optimizers, anything with ``state_dict``, plain values) to ``path``.
 
-        The strategy decides who writes (rank 0 for DDP) and every rank waits until it is on disk.
+        The strategy decides who writes (rank 0 for DDP; for FSDP / model parallel every rank its shards
+        into the directory ``path``, or rank 0 one file with ``state_dict_type="full"``) and every rank
+        waits until it is on disk. :meth:`load` reads either form, on any number of processes.
         ``filter`` maps a name of ``state`` to ``keep(key, value)``, applied to that entry's state dict.
         Add ``"precision": fabric.precision`` to keep a grad scaler's state.
         """
         self._require_launched("save")
         state = check_state(state, "save")
-        self._strategy.save_checkpoint(path, unwrap_state(state), filter=check_filter(filter, state))
+        with checks.stepping_through_fabric():  # DCP may step an optimizer without state to create it
+            self._strategy.save_checkpoint(path, unwrap_state(state), filter=check_filter(filter, state))
 
     def load(
         self, path: Any, state: dict[str, Any] | None = None, strict: bool = True, *, weights_only: bool = True
@@ -476,14 +493,16 @@ class Fabric:
             return self._strategy.load_checkpoint(path, None, strict=strict, weights_only=weights_only)
         state = check_state(state, "load")
         unwrapped = unwrap_state(state)
-        remainder = self._strategy.load_checkpoint(path, unwrapped, strict=strict, weights_only=weights_only)
+        with checks.stepping_through_fabric():  # DCP may step an optimizer without state to create it
+            remainder = self._strategy.load_checkpoint(path, unwrapped, strict=strict, weights_only=weights_only)
         update_plain_values(state, unwrapped)
         return remainder
 
     def load_raw(self, path: Any, obj: Any, strict: bool = True, *, weights_only: bool = True) -> None:
         """Loads a plain state-dict file (``torch.save(model.state_dict(), path)``) into a module or optimizer."""
         self._require_launched("load_raw")
-        load_raw_state(self._strategy, path, obj, strict=strict, weights_only=weights_only)
+        with checks.stepping_through_fabric():
+            load_raw_state(self._strategy, path, obj, strict=strict, weights_only=weights_only)
 
     # ------------------------------------------------------------------ loggers and callbacks
     def log(self, name: str, value: float | Tensor, step: int | None = None) -> None:

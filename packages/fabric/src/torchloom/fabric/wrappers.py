@@ -148,13 +148,22 @@ class FabricOptimizer(Optimizer):
     ``step`` runs ``strategy.optimizer_step`` (grad scaler, DeepSpeed engine, ...) and then the
     callbacks' ``on_after_optimizer_step(strategy=, optimizer=)``. ``param_groups``, ``state`` and
     ``defaults`` are the wrapped optimizer's own objects, so changing a learning rate here changes it there.
+    ``module`` (the set-up module holding its parameters) goes with ``state_dict`` / ``load_state_dict`` to
+    the strategy: a sharded one keys optimizer state by parameter name.
     """
 
-    def __init__(self, optimizer: Optimizer, strategy: Strategy, callbacks: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        strategy: Strategy,
+        callbacks: list[Any] | None = None,
+        module: nn.Module | None = None,
+    ) -> None:
         # Optimizer.__init__ is not called: all state stays in the wrapped optimizer.
         self.__dict__["_optimizer"] = optimizer
         self.__dict__["_strategy"] = strategy
         self.__dict__["_callbacks"] = callbacks if callbacks is not None else []
+        self.__dict__["_module"] = module  # owns the parameters; sharded strategies key optimizer state by its names
         self.__class__ = _fabric_optimizer_class(type(optimizer))
 
     @property
@@ -199,11 +208,15 @@ class FabricOptimizer(Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = self.__dict__["_strategy"].get_optimizer_state(self.optimizer)
+        strategy = self.__dict__["_strategy"]
+        with checks.stepping_through_fabric():  # DCP may step an optimizer without state to create it
+            state: dict[str, Any] = strategy.get_optimizer_state(self.optimizer, module=self.__dict__["_module"])
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.__dict__["_strategy"].load_optimizer_state(self.optimizer, state_dict)
+        strategy = self.__dict__["_strategy"]
+        with checks.stepping_through_fabric():
+            strategy.load_optimizer_state(self.optimizer, state_dict, module=self.__dict__["_module"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
@@ -216,7 +229,8 @@ class FabricOptimizer(Optimizer):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # the class is made at run time and cannot be found by name: rebuild from the parts
-        return FabricOptimizer, (self.optimizer, self.__dict__["_strategy"], self.__dict__["_callbacks"])
+        parts = (self.optimizer, self.__dict__["_strategy"], self.__dict__["_callbacks"], self.__dict__["_module"])
+        return FabricOptimizer, parts
 
     def __repr__(self) -> str:
         return f"FabricOptimizer({self.optimizer!r})"

@@ -18,10 +18,11 @@ __all__ = ["call_through_forward"]
 def call_through_forward(wrapper: nn.Module, module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
     """Calls ``module.<method>(*args, **kwargs)`` by way of ``wrapper(...)``.
 
-    When ``wrapper is module`` (nothing wraps it) the method is called directly.
+    When ``wrapper is module`` the method is called directly, unless the module has forward hooks of
+    its own: FSDP2's ``fully_shard`` makes the module its own wrapper, gathering its shards in hooks.
     """
     target = getattr(module, method)
-    if wrapper is module:
+    if wrapper is module and not (module._forward_pre_hooks or module._forward_hooks):
         return target(*args, **kwargs)
 
     had_instance_forward = "forward" in module.__dict__

@@ -51,6 +51,8 @@ class ShardedStrategy(ParallelStrategy):
     """
 
     restore_checkpoint_after_setup = True  # products load checkpoints into the already sharded module
+    initializes_empty_modules = True  # meta tensors are materialized shard by shard in setup_module
+    supports_inference_mode = False  # fully_shard's all-gather buffers made under inference_mode break training
 
     def __init__(
         self,
@@ -369,6 +371,8 @@ class ShardedStrategy(ParallelStrategy):
         for key, obj in state.items():
             kind = meta["kinds"].get(key)
             optimizers = sharded_io.as_optimizers(obj)
+            if kind == "data":  # saved as plain state (the Trainer's checkpoint dict): load it in place all the same
+                kind = _kind_of_saved_state(meta["skeleton"].get(key), obj)
             if isinstance(obj, nn.Module) and kind == "module":
                 module = unwrap_module(obj)
                 sharded_io.check_module_keys(module, meta["skeleton"][key].keys(), strict)
@@ -380,6 +384,26 @@ class ShardedStrategy(ParallelStrategy):
                 ]
                 live[key] = states[0] if isinstance(obj, Optimizer) else states
         return live
+
+
+def _kind_of_saved_state(saved: Any, obj: Any) -> str:
+    """``"module"`` / ``"optimizer(s)"`` when plain saved state has the form ``obj``'s state takes, else ``"data"``.
+
+    A module's state dict (a dict) fits a module; DCP's named optimizer state (one per optimizer) fits
+    the optimizers, whose indexed ``optimizer.state_dict()`` form would not match the live state's keys.
+    """
+
+    def named(value: Any) -> bool:
+        return isinstance(value, dict) and "param_groups" in value and not sharded_io.is_indexed_optimizer_state(value)
+
+    optimizers = sharded_io.as_optimizers(obj)
+    if isinstance(obj, nn.Module) and isinstance(saved, dict):
+        return "module"
+    if isinstance(obj, Optimizer) and named(saved):
+        return "optimizer"
+    if optimizers is not None and isinstance(saved, (list, tuple)) and len(saved) == len(optimizers):
+        return "optimizers" if all(named(value) for value in saved) else "data"
+    return "data"
 
 
 def _mesh_key(tensor: Tensor) -> Any:

@@ -128,6 +128,11 @@ class Strategy(ABC):
     requires_joint_setup: bool = False  # module and optimizers must be set up together (DeepSpeed)
     restore_checkpoint_after_setup: bool = False  # sharded state loads into the already wrapped module
     uses_xla: bool = False  # runs on XLA devices (the connector pairs XLA devices only with such strategies)
+    # setup_module gives modules built under module_init_context(empty_init=True) their memory and values
+    # (sharded strategies: each rank only its shard), so products build late layers (configure_model) empty
+    initializes_empty_modules: bool = False
+    # evaluation may run under torch.inference_mode(); FSDP2 reuses buffers made there when training resumes
+    supports_inference_mode: bool = True
 
     # ------------------------------------------------------------------ lifecycle
     def setup_environment(self) -> None:
@@ -286,8 +291,14 @@ class Strategy(ABC):
 
         Plain values in ``state`` are replaced by the checkpoint's. With ``strict=True`` a key of
         ``state`` missing from the checkpoint, or a module with missing/unexpected keys, raises.
+        A sharded checkpoint directory (written by FSDP, model parallel) loads too, as full tensors.
         """
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path):  # a sharded strategy's directory: read whole, by this process alone
+            checkpoint = load_sharded(path, distributed=False)
+        else:
+            checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         if state is None:
             return checkpoint
         missing = [key for key in state if key not in checkpoint]
