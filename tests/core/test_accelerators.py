@@ -390,6 +390,7 @@ def test_xla_parses_one_all_or_a_single_index(spec: Any, expected: list[torch.de
         ("0,1", "give one index"),
         ([], "give one index"),
         ([4], "indices 0..3"),
+        ([-1], "indices 0..3"),
         (0, "Accepted forms"),
         (-2, "Accepted forms"),
         ("tpu", "Accepted forms"),

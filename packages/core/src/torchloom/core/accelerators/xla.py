@@ -70,7 +70,7 @@ class XLAAccelerator(Accelerator):
                 raise invalid_devices(devices, cls.name, _ACCEPTED, "give one index, or a count for several devices")
             index = spec[0]
             available = cls.auto_device_count()
-            if index >= available:
+            if not 0 <= index < available:
                 raise invalid_devices(
                     devices, cls.name, _ACCEPTED, f"this host has {available} XLA devices, indices 0..{available - 1}"
                 )
