@@ -3,6 +3,7 @@
     python docs/examples/fabric/train_digits.py                              # DDP, 2 CPU processes
     python docs/examples/fabric/train_digits.py --strategy auto --devices 1 --precision bf16-mixed
     python docs/examples/fabric/train_digits.py --strategy ddp_spawn
+    python docs/examples/fabric/train_digits.py --strategy fsdp              # sharded; the checkpoint is a folder
     torchloom run --devices 2 docs/examples/fabric/train_digits.py          # the CLI's options win
 
 It is a plain PyTorch loop; the Fabric lines are marked ``# Fabric``. The data is bundled with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
@@ -38,6 +39,13 @@ def _no_op(optimizer: Optimizer) -> None:
     pass
 
 
+def _holds_dtensors(module: nn.Module) -> bool:
+    """Whether ``module`` has DTensor parameters (none can exist before something imported DTensor)."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(dtensor_module, "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
 class StrategyAdapter:
     """Runs a module's steps, backward, optimizer steps, collectives and checkpoint I/O through ``strategy``.
 
@@ -52,6 +60,7 @@ class StrategyAdapter:
         self.after_optimizer_step: OptimizerHook = _no_op
         self._module: nn.Module | None = None  # the user's module
         self._wrapped: nn.Module | None = None  # what strategy.setup_module made of it
+        self._kept: tuple[nn.Module, nn.Module] | None = None  # a sharded (module, wrapped) that outlives its run
 
     # ------------------------------------------------------------------ topology
     @property
@@ -93,25 +102,40 @@ class StrategyAdapter:
     # ------------------------------------------------------------------ setup and teardown
     @contextlib.contextmanager
     def module_init_context(self) -> Generator[None, None, None]:
-        """Active while ``configure_model`` builds layers: they land on the device in the precision's dtype."""
-        with self.strategy.module_init_context(empty_init=False):
+        """Active while ``configure_model`` builds layers: on the device in the precision's dtype, or empty
+        (meta) when the strategy initialises empty modules itself in setup (sharded ones: shard by shard)."""
+        with self.strategy.module_init_context(empty_init=self.strategy.initializes_empty_modules):
             yield
 
     def setup(self, module: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
         """Converts, moves and wraps ``module`` (with its optimizers when the strategy needs them together)."""
-        module = self.precision.convert_module(module)
-        self.strategy.module_to_device(module)
-        self._module = module
-        if optimizers or self.strategy.requires_joint_setup:
-            wrapped, optimizers, _ = self.strategy.setup_module_and_optimizers(module, optimizers)
+        if self._kept is not None and self._kept[0] is module:  # still set up by an earlier run (see teardown)
+            wrapped = self._kept[1]
+            optimizers = [self.strategy.setup_optimizer(o) for o in optimizers]
         else:
-            wrapped = self.strategy.setup_module(module)
-        self._wrapped = wrapped
+            module = self.precision.convert_module(module)
+            self.strategy.module_to_device(module)
+            if optimizers or self.strategy.requires_joint_setup:
+                wrapped, optimizers, _ = self.strategy.setup_module_and_optimizers(module, optimizers)
+            else:
+                wrapped = self.strategy.setup_module(module)
+        self._module, self._wrapped = module, wrapped
         return wrapped, optimizers
 
     def teardown(self) -> None:
-        """Forgets the run's wrapper (the next run wraps the module afresh) and tears the strategy down."""
-        self._wrapped = None
+        """Forgets the run's wrapper (the next run wraps the module afresh) and tears the strategy down.
+
+        Except when the strategy sharded the module into DTensors: the shards belong to the process group
+        that a teardown destroys, and sharding cannot be undone or applied twice. The module then stays set
+        up, and the strategy with it, for later runs with this module (``fit`` then ``test``) and for saving.
+        """
+        if self._module is not None and self._wrapped is not None and _holds_dtensors(self._wrapped):
+            self._kept = (self._module, self._wrapped)
+            self._wrapped = None
+            return
+        # no reference to the wrapper may outlive the process group: a DDP reducer holding the group's last
+        # reference joins gloo's thread while holding the GIL, and that thread waits for the GIL (deadlock)
+        self._kept = self._wrapped = None
         self.strategy.teardown()
 
     # ------------------------------------------------------------------ the step
@@ -204,10 +228,15 @@ class StrategyAdapter:
         self.strategy.load_module_state_dict(module, state_dict, strict=strict)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return self.strategy.get_optimizer_state(raw_optimizer(optimizer))
+        """``optimizer``'s state; the run's module goes with it (sharded state is keyed by parameter name)."""
+        return self.strategy.get_optimizer_state(raw_optimizer(optimizer), module=self._owner())
 
     def load_optimizer_state(self, optimizer: Optimizer, state: dict[str, Any]) -> None:
-        self.strategy.load_optimizer_state(raw_optimizer(optimizer), state)
+        self.strategy.load_optimizer_state(raw_optimizer(optimizer), state, module=self._owner())
+
+    def _owner(self) -> nn.Module | None:
+        """The module holding the optimizers' parameters: the run's wrapper, or the module after the run."""
+        return self._wrapped if self._wrapped is not None else self._module
 
     def save_checkpoint(self, path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
         """Writes the (already plain) checkpoint dict; the strategy decides which rank writes."""
@@ -215,6 +244,11 @@ class StrategyAdapter:
 
     def load_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = True) -> dict[str, Any]:
         return self.strategy.load_checkpoint(path, weights_only=weights_only)
+
+    def load_checkpoint_into(self, path: str | os.PathLike[str], entries: dict[str, Any]) -> dict[str, Any]:
+        """Loads the checkpoint's entries named in ``entries`` into their live objects (the set-up module, the
+        optimizers) in place, each rank reading only its shards; returns the checkpoint's other entries."""
+        return self.strategy.load_checkpoint(path, state=entries, strict=True)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         self.strategy.remove_checkpoint(path)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.io import TorchCheckpointIO
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.utils.rank_zero import rank_zero_warn
@@ -34,7 +35,9 @@ __all__ = [
     "check_ckpt_path",
     "dump_checkpoint",
     "load_module_from_checkpoint",
+    "read_checkpoint",
     "resolve_ckpt_path",
+    "restore_after_setup",
     "restore_training_state",
     "restore_weights",
 ]
@@ -150,8 +153,60 @@ def _find_last(trainer: Trainer) -> str | None:
         dirpath = getattr(callback, "dirpath", None)
         if dirpath:
             candidates += glob.glob(os.path.join(glob.escape(os.fspath(dirpath)), "last*.ckpt"))
-    existing = [path for path in candidates if os.path.isfile(path)]
+    existing = [path for path in candidates if os.path.exists(path)]  # sharded checkpoints are folders
     return max(existing, key=os.path.getmtime) if existing else None
+
+
+def read_checkpoint(trainer: Trainer, path: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` as one dict, read before the strategy sets the module up.
+
+    ``None`` for a sharded checkpoint (a folder) that the strategy loads in place after setup
+    (``restore_checkpoint_after_setup``): each rank then reads only its shards. Another strategy reads
+    a sharded checkpoint whole, so a checkpoint of a sharded run resumes under DDP or on one device.
+    Optimizer states come back in ``optimizer.state_dict()``'s form (by position), whatever the file.
+    """
+    if not sharded_io.is_sharded_checkpoint(path):
+        checkpoint = trainer._adapter.load_checkpoint(path)
+    elif trainer.strategy.restore_checkpoint_after_setup:
+        return None
+    else:
+        checkpoint = sharded_io.load_sharded(path)
+    states = checkpoint.get("optimizer_states")
+    if isinstance(states, list):  # sharded saves key them by parameter name; every strategy loads positions
+        checkpoint["optimizer_states"] = [_indexed(state) for state in states]
+    return checkpoint
+
+
+def _indexed(state: Any) -> Any:
+    named = isinstance(state, dict) and state.get("param_groups") and not sharded_io.is_indexed_optimizer_state(state)
+    return sharded_io.optimizer_state_to_indexed(state) if named else state
+
+
+def restore_after_setup(
+    trainer: Trainer, path: str, checkpoint: dict[str, Any] | None, wrapped: torch.nn.Module, fn: str
+) -> None:
+    """Restores what the set-up module and (for ``fit``) the training state need from the checkpoint.
+
+    ``checkpoint`` is ``read_checkpoint``'s result. When it is ``None`` the strategy loads the sharded
+    checkpoint's weights and optimizer states straight into ``wrapped`` and the optimizers; the
+    ``on_load_checkpoint`` hooks then see the rest of it (no ``state_dict`` / ``optimizer_states``).
+    """
+    if checkpoint is not None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            restore_weights(trainer, checkpoint, wrapped)
+        if fn == "fit":
+            restore_training_state(trainer, checkpoint)
+        return
+    saved = sharded_io.read_meta(path)["skeleton"]
+    entries: dict[str, Any] = {"state_dict": wrapped}
+    with_optimizers = fn == "fit" and "optimizer_states" in saved
+    if with_optimizers:
+        _check_counts(trainer, len(saved["optimizer_states"]), len(saved.get("lr_schedulers", [])))
+        entries["optimizer_states"] = list(trainer.optimizers)
+    rest = trainer._adapter.load_checkpoint_into(path, entries)
+    trainer.loom_module.on_load_checkpoint(rest)
+    if fn == "fit":
+        restore_training_state(trainer, rest, optimizers_loaded=with_optimizers)
 
 
 def restore_weights(trainer: Trainer, checkpoint: dict[str, Any], into: torch.nn.Module) -> None:
@@ -160,25 +215,22 @@ def restore_weights(trainer: Trainer, checkpoint: dict[str, Any], into: torch.nn
     trainer._adapter.load_module_state_dict(into, checkpoint["state_dict"])
 
 
-def restore_training_state(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
-    """Optimizers, schedulers, precision, the loop's position, callbacks, datamodule and random state."""
+def restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], optimizers_loaded: bool = False) -> None:
+    """Optimizers (unless ``optimizers_loaded`` in place already), schedulers, precision, the loop's position,
+    callbacks, datamodule and random state."""
     module = trainer.loom_module
-    missing = [key for key in ("optimizer_states", "lr_schedulers", "loops") if key not in checkpoint]
+    required = ("lr_schedulers", "loops") if optimizers_loaded else ("optimizer_states", "lr_schedulers", "loops")
+    missing = [key for key in required if key not in checkpoint]
     if missing:
         raise ConfigurationError(
             f"The checkpoint has no {missing}, so training cannot resume from it (was it saved with weights_only=True?). "
             "Valid: a full checkpoint, or load the weights with Module.load_from_checkpoint(path) and fit without "
             "ckpt_path."
         )
-    optimizers, states = trainer.optimizers, checkpoint["optimizer_states"]
     configs, scheduler_states = trainer.lr_scheduler_configs, checkpoint["lr_schedulers"]
-    if len(states) != len(optimizers) or len(scheduler_states) != len(configs):
-        raise ConfigurationError(
-            f"The checkpoint holds {len(states)} optimizer(s) and {len(scheduler_states)} scheduler(s), but "
-            f"configure_optimizers() made {len(optimizers)} and {len(configs)}. Valid: the same configuration as "
-            "the run that saved it."
-        )
-    for optimizer, state in zip(optimizers, states):
+    states = [] if optimizers_loaded else checkpoint["optimizer_states"]
+    _check_counts(trainer, len(trainer.optimizers) if optimizers_loaded else len(states), len(scheduler_states))
+    for optimizer, state in zip(trainer.optimizers, states):
         trainer._adapter.load_optimizer_state(optimizer, state)
     for config, state in zip(configs, scheduler_states):
         config.scheduler.load_state_dict(state)
@@ -195,6 +247,15 @@ def restore_training_state(trainer: Trainer, checkpoint: dict[str, Any]) -> None
     trainer._resume_rng = checkpoint.get("rng")
 
 
+def _check_counts(trainer: Trainer, optimizers: int, schedulers: int) -> None:
+    made, configs = len(trainer.optimizers), len(trainer.lr_scheduler_configs)
+    if optimizers != made or schedulers != configs:
+        raise ConfigurationError(
+            f"The checkpoint holds {optimizers} optimizer(s) and {schedulers} scheduler(s), but "
+            f"configure_optimizers() made {made} and {configs}. Valid: the same configuration as the run that saved it."
+        )
+
+
 def load_module_from_checkpoint(
     cls: type[M],
     path: str | os.PathLike[str],
@@ -202,10 +263,16 @@ def load_module_from_checkpoint(
     strict: bool = True,
     **overrides: Any,
 ) -> M:
-    """``cls`` rebuilt from the checkpoint's hyper-parameters (``overrides`` win), with its weights loaded."""
-    checkpoint = TorchCheckpointIO().load_checkpoint(
-        path, map_location=map_location if map_location is not None else "cpu", weights_only=True
-    )
+    """``cls`` rebuilt from the checkpoint's hyper-parameters (``overrides`` win), with its weights loaded.
+
+    ``path`` is a checkpoint file or a sharded checkpoint folder (read whole to the CPU, in this process alone).
+    """
+    if sharded_io.is_sharded_checkpoint(path):
+        checkpoint = sharded_io.load_sharded(path, distributed=False)
+    else:
+        checkpoint = TorchCheckpointIO().load_checkpoint(
+            path, map_location=map_location if map_location is not None else "cpu", weights_only=True
+        )
     if "state_dict" not in checkpoint:
         raise ConfigurationError(
             f"{os.fspath(path)!r} is not a Trainer checkpoint (it has no 'state_dict'; keys: {sorted(checkpoint)})."
@@ -216,6 +283,7 @@ def load_module_from_checkpoint(
         names = {p.name for p in parameters}
         hparams = {k: v for k, v in hparams.items() if k in names}
     module = cls(**{**hparams, **overrides})
+    module.configure_model()  # layers built late (sharded runs) exist in the checkpoint too
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module

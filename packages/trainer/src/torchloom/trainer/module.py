@@ -34,6 +34,8 @@ from torchloom.trainer.hparams import HyperparametersMixin
 from torchloom.trainer.optimizers import LoomOptimizer
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from torchloom.trainer.trainer import Trainer
 
 __all__ = ["LoomModule", "is_overridden"]
@@ -94,6 +96,18 @@ class LoomModule(HyperparametersMixin, nn.Module):
             return device
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def device_mesh(self) -> DeviceMesh | None:
+        """The strategy's ``DeviceMesh`` (sharded strategies; set up before ``configure_model`` runs), else ``None``.
+
+        With ``ModelParallelStrategy()`` ``configure_model`` parallelizes the layers over it, e.g.
+        ``parallelize_module(self.mlp, self.device_mesh["tensor_parallel"], plan)``.
+        """
+        if self._trainer is None:
+            return None
+        mesh: DeviceMesh | None = getattr(self._trainer.strategy, "device_mesh", None)
+        return mesh
 
     @property
     def current_epoch(self) -> int:
@@ -244,15 +258,18 @@ class LoomModule(HyperparametersMixin, nn.Module):
         optimizer: Optimizer | LoomOptimizer,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clips the gradients of ``optimizer``'s parameters by total norm (default) or by value; 0/None: no-op."""
+    ) -> Tensor | None:
+        """Clips the gradients of ``optimizer``'s parameters by total norm (default) or by value; 0/None: no-op.
+
+        Returns the total norm before clipping (by norm; over every shard under sharded strategies), else ``None``.
+        """
         algorithm = "norm" if gradient_clip_algorithm is None else gradient_clip_algorithm
         if algorithm not in CLIP_ALGORITHMS:
             raise ConfigurationError(
                 f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not valid. Valid: {choices(CLIP_ALGORITHMS)}."
             )
         if gradient_clip_val is None:
-            return
+            return None
         if (
             isinstance(gradient_clip_val, bool)
             or not isinstance(gradient_clip_val, (int, float))
@@ -260,8 +277,10 @@ class LoomModule(HyperparametersMixin, nn.Module):
         ):
             raise ConfigurationError(f"gradient_clip_val={gradient_clip_val!r} is not valid: use a number >= 0.")
         if gradient_clip_val == 0:
-            return
-        self.trainer._adapter.clip_gradients(_unwrap(optimizer), clip_val=float(gradient_clip_val), algorithm=algorithm)
+            return None
+        return self.trainer._adapter.clip_gradients(
+            _unwrap(optimizer), clip_val=float(gradient_clip_val), algorithm=algorithm
+        )
 
     def configure_gradient_clipping(
         self,

@@ -6,6 +6,9 @@ The order (docs/trainer/hooks.md has the full hook list)::
     -> configure_model -> *_dataloader -> configure_optimizers (fit) -> [checkpoint weights]
     -> strategy setup -> [checkpoint training state] -> the stage's loops -> teardown(stage)
 
+Under a sharded strategy (``restore_checkpoint_after_setup``) ``configure_model`` builds its layers
+empty (meta) for the strategy to materialise shard by shard, the optimizers made before setup are
+re-bound to the sharded parameters by the strategy, and the checkpoint's weights are loaded after setup.
 ``LoopControl`` (mixed into ``Trainer``) holds what the loops ask the trainer: stop conditions,
 validation checks, logging to the loggers, reloading dataloaders.
 """
@@ -59,11 +62,12 @@ def run_worker(
         raise
     for logger in trainer.loggers:
         logger.finalize("success")
+    result = collect(trainer, output, caller_pid)  # before teardown: gathering sharded weights needs the group
     trainer._adapter.teardown()  # a later fit/test in this process sets the strategy up afresh
     if trainer.strategy.root_device.type != "cpu":
         module.cpu()  # frees the device; results and the module are used on the CPU after a run
     trainer.state.stage = None
-    return collect(trainer, output, caller_pid)
+    return result
 
 
 def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:
@@ -83,18 +87,15 @@ def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:
     trainer._load_data(fn)
     optimizers = _configure_optimizers(trainer) if fn == "fit" else []
     path = checkpointing.resolve_ckpt_path(trainer, ckpt_path)
-    checkpoint = adapter.load_checkpoint(path) if path is not None else None
-    restore_after = trainer.strategy.restore_checkpoint_after_setup
-    if checkpoint is not None and not restore_after:
+    checkpoint = checkpointing.read_checkpoint(trainer, path) if path is not None else None
+    if checkpoint is not None and not trainer.strategy.restore_checkpoint_after_setup:
         checkpointing.restore_weights(trainer, checkpoint, module)
+    # sharded strategies replace the parameters here; optimizers made above are pointed at the new ones
     wrapped, optimizers = adapter.setup(module, optimizers)
     if fn == "fit":  # validate/test/predict keep the fitted optimizers (a later save_checkpoint holds them)
         trainer._optimizers = optimizers
-    if checkpoint is not None:
-        if restore_after:
-            checkpointing.restore_weights(trainer, checkpoint, wrapped)
-        if fn == "fit":
-            checkpointing.restore_training_state(trainer, checkpoint)
+    if path is not None:
+        checkpointing.restore_after_setup(trainer, path, checkpoint, wrapped, fn)
     trainer.state.stage = stage
     output: Any = None
     if fn == "fit":

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
 from torchloom.trainer.callbacks.checkpoint import ModelCheckpoint
 
 if TYPE_CHECKING:
@@ -41,7 +43,8 @@ def collect(trainer: Trainer, output: Any, caller_pid: int) -> WorkerResult:
     if result.pid == caller_pid:
         return result  # ran in the caller: its objects are already up to date
     store = trainer._metrics
-    result.weights = {k: v.detach().cpu() for k, v in trainer.loom_module.state_dict().items()}
+    # every rank gathers sharded tensors (DTensors) whole, in the same order: it is a collective
+    result.weights = {k: _whole(v).detach().cpu() for k, v in trainer.loom_module.state_dict().items()}
     result.progress = trainer._progress.state_dict()
     result.should_stop = trainer.should_stop
     result.callback_metrics = dict(store.callback_metrics)
@@ -51,12 +54,21 @@ def collect(trainer: Trainer, output: Any, caller_pid: int) -> WorkerResult:
     return result
 
 
+def _whole(tensor: Tensor) -> Tensor:
+    gather = getattr(tensor, "full_tensor", None)  # a DTensor's whole value
+    full: Tensor = gather() if callable(gather) else tensor
+    return full
+
+
 def apply(trainer: Trainer, result: WorkerResult | None) -> Any:
     """Writes a worker's results into the caller's trainer, module and callbacks; returns the run's output."""
     if result is None or result.pid == os.getpid():
         return None if result is None else result.output
     if result.weights is not None:
-        trainer.loom_module.load_state_dict(result.weights)
+        module = trainer.loom_module
+        if not set(result.weights) <= set(module.state_dict()):  # layers the workers built in configure_model
+            module.configure_model()
+        module.load_state_dict(result.weights)
     trainer._progress.load_state_dict(result.progress)
     trainer.should_stop = result.should_stop
     store = trainer._metrics

@@ -1,7 +1,7 @@
 """Validation and test loops (the sanity check is a short validation); the base of the prediction loop.
 
 All run the module in eval mode under ``torch.inference_mode()`` (``torch.no_grad()`` with
-``inference_mode=False``) and put every submodule's train/eval mode back afterwards. Order for
+``inference_mode=False`` or a strategy without ``supports_inference_mode``) and put every submodule's train/eval mode back afterwards. Order for
 validation (test and predict alike, with their names)::
 
     on_validation_start -> on_validation_epoch_start
@@ -38,7 +38,9 @@ def eval_mode(trainer: Trainer) -> Generator[None, None, None]:
     module: nn.Module = trainer.loom_module
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
-    grad_off = torch.inference_mode() if trainer._config.inference_mode else torch.no_grad()
+    # a strategy that cannot evaluate under inference mode (FSDP reuses its buffers in training) gets no_grad
+    inference = trainer._config.inference_mode and trainer.strategy.supports_inference_mode
+    grad_off = torch.inference_mode() if inference else torch.no_grad()
     try:
         with grad_off:
             yield
