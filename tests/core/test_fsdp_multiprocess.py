@@ -22,6 +22,7 @@ if __name__ == "__main__":  # run as a script: the repository root, for `tests`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.processes import explain, run_python
+from tests.sharded_models import Block, Net, clean, full, full_params
 from torchloom.core.checkpoint.consolidate import consolidate
 from torchloom.core.checkpoint.distributed import META_FILE, is_sharded_checkpoint
 from torchloom.core.connector import Connector
@@ -34,59 +35,16 @@ WORLD = 2
 STEPS = 3
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return torch.relu(self.fc(x)) + x
-
-
-class Net(nn.Module):
-    def __init__(self, extra: bool = False) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 16)
-        self.blocks = nn.ModuleList([Block(16), Block(16)])
-        self.out = nn.Linear(16, 3)
-        if extra:
-            self.extra = nn.Linear(3, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        out: Tensor = self.out(x)
-        return out
-
-
 def batch(step: int) -> tuple[Tensor, Tensor]:
     """The global batch of a step; rank r trains on rows r::WORLD."""
     generator = torch.Generator().manual_seed(100 + step)
     return torch.randn(8, 4, generator=generator), torch.randn(8, 3, generator=generator)
 
 
-def full(tensor: Any) -> Tensor:
-    """The whole tensor behind a DTensor (a plain tensor as it is)."""
-    whole: Tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    return whole
-
-
 def local(tensor: Any) -> Tensor:
     """This rank's shard of a DTensor."""
     shard: Tensor = tensor.to_local()
     return shard
-
-
-def full_params(model: nn.Module) -> dict[str, Tensor]:
-    """Full copies of the parameters, by state-dict name (activation checkpointing's wrapper name dropped)."""
-    return {clean(name): full(p.detach()).clone() for name, p in model.named_parameters()}
-
-
-def clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def wired(strategy: FSDPStrategy, like: FSDPStrategy, precision: str = "32-true") -> FSDPStrategy:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.sharded_models import Net, full, full_params
 from torchloom.fabric import Fabric, FabricUsageError
 
 WORLD = 2
@@ -24,46 +25,9 @@ MAX_NORM = 0.05
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = torch.relu(self.fc(x)) + x
-        return out
-
-
-class Net(nn.Module):
-    def __init__(self, extra: bool = False) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 16)
-        self.blocks = nn.ModuleList([Block(16), Block(16)])
-        self.out = nn.Linear(16, 3)
-        if extra:
-            self.extra = nn.Linear(3, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        out: Tensor = self.out(x)
-        return out
-
-
 def dataset(size: int = 8 * STEPS, seed: int = 100) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(size, 4, generator=generator), torch.randn(size, 3, generator=generator))
-
-
-def full(tensor: Any) -> Tensor:
-    """The whole tensor behind a DTensor (a plain tensor as it is), detached."""
-    whole: Tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    return whole.detach()
-
-
-def full_params(model: nn.Module) -> dict[str, Tensor]:
-    return {name: full(p).clone() for name, p in model.named_parameters()}
 
 
 def assert_close(actual: dict[str, Tensor], expected: dict[str, Tensor], atol: float) -> None:

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root, for tests.fabric
 
 from tests.fabric.helpers import sharded_checks as checks
+from tests.sharded_models import Net
 from torchloom.core.strategies.fsdp import FSDPStrategy
 from torchloom.core.strategies.model_parallel import ModelParallelStrategy
 from torchloom.fabric import Fabric
@@ -44,7 +45,7 @@ def single_device_loads(folder: Path) -> dict[str, bool]:
     results = {}
     expected = torch.load(folder / "expected.pt", weights_only=True)
     for name in ("sharded", "full.pt"):
-        model = checks.Net()
+        model = Net()
         optimizer = torch.optim.Adam(model.parameters())
         fmodel, foptimizer = fabric.setup(model, optimizer)
         state: dict[str, Any] = {"model": fmodel, "optimizer": foptimizer, "step": 0}
