@@ -32,7 +32,7 @@ from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies import sharded_params
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy, check_start_method, launcher_for
-from torchloom.core.strategies.strategy import StateFilter, unwrap_module
+from torchloom.core.strategies.strategy import StateFilter, parameters_with_grads, unwrap_module
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -174,7 +174,7 @@ class ShardedStrategy(ParallelStrategy):
     ) -> Tensor:
         """Clips to the global norm over all shards; returns it (a plain tensor, the same on every rank)."""
         self.precision.unscale_gradients(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = parameters_with_grads(optimizer)
         total = _total_norm([p.grad for p in params if p.grad is not None], norm_type)
         if error_if_nonfinite and not self.precision.skips_nonfinite_steps and not torch.isfinite(total):
             raise RuntimeError(
@@ -188,8 +188,7 @@ class ShardedStrategy(ParallelStrategy):
     @override
     def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: float) -> None:
         self.precision.unscale_gradients(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        for group in _by_mesh(params):
+        for group in _by_mesh(parameters_with_grads(optimizer)):
             torch.nn.utils.clip_grad_value_(group, clip_val)
 
     @override

@@ -25,7 +25,7 @@ from torchloom.core.precision.precision import Precision
 from torchloom.core.utils.collections import apply_to_collection
 from torchloom.core.utils.init import SkipInit
 
-__all__ = ["ReduceOp", "Strategy"]
+__all__ = ["ReduceOp", "Strategy", "parameters_with_grads", "unwrap_module"]
 
 T = TypeVar("T")
 ReduceOp = str  # "mean", "sum", "max", "min", "product"
@@ -208,12 +208,12 @@ class Strategy(ABC):
         self.precision.unscale_gradients(optimizer)
         raise_on_nonfinite = error_if_nonfinite and not self.precision.skips_nonfinite_steps
         return torch.nn.utils.clip_grad_norm_(
-            _parameters(optimizer), max_norm, norm_type=norm_type, error_if_nonfinite=raise_on_nonfinite
+            parameters_with_grads(optimizer), max_norm, norm_type=norm_type, error_if_nonfinite=raise_on_nonfinite
         )
 
     def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: float) -> None:
         self.precision.unscale_gradients(optimizer)
-        torch.nn.utils.clip_grad_value_(_parameters(optimizer), clip_val)
+        torch.nn.utils.clip_grad_value_(parameters_with_grads(optimizer), clip_val)
 
     @contextlib.contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Generator[None, None, None]:
@@ -343,5 +343,6 @@ def unwrap_module(module: nn.Module) -> nn.Module:
         module = inner
 
 
-def _parameters(optimizer: Optimizer) -> list[Tensor]:
+def parameters_with_grads(optimizer: Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that have a gradient (what clipping acts on)."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
