@@ -15,7 +15,7 @@ import nox
 ROOT = Path(__file__).parent
 TORCH = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 BASE = [TORCH, "numpy"]
-TEST_TOOLS = ["pytest", "hypothesis", "scikit-learn", "rich"]
+TEST_TOOLS = ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "rich"]
 # Linters are pinned: a new release with new rules must not fail CI on unchanged code.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"

@@ -25,6 +25,7 @@ from torchloom.core.registry import STRATEGIES
 from torchloom.core.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, call_through_forward
 from torchloom.core.strategies import ddp as ddp_module
 from torchloom.core.utils import rank_zero
+from tests.processes import explain, run_python
 
 
 class Net(nn.Module):
@@ -303,6 +304,38 @@ def test_single_rank_process_group_lifecycle(clean_env: None) -> None:
     finally:
         strategy.teardown()
     assert not dist.is_initialized()
+
+
+_TEARDOWN_CYCLES = """
+import datetime, sys
+import torch
+from torch import nn
+from torchloom.core.accelerators.cpu import CPUAccelerator
+from torchloom.core.environments.local import LocalEnvironment
+from torchloom.core.strategies import DDPStrategy
+
+for cycle in range(int(sys.argv[1])):
+    strategy = DDPStrategy(
+        accelerator=CPUAccelerator(),
+        parallel_devices=[torch.device("cpu")],
+        cluster_environment=LocalEnvironment(),
+        timeout=datetime.timedelta(seconds=30),
+    )
+    strategy.setup_environment()
+    model = strategy.setup_module(nn.Linear(2, 2))
+    strategy.all_gather(torch.ones(2))
+    strategy.teardown()
+    del model  # the DDP wrapper outlives its process group, as a user's variable does
+print("cycles done")
+"""
+
+
+def test_a_ddp_wrapper_outliving_its_process_group_never_deadlocks(tmp_path: Path) -> None:
+    """Freeing a wrapper right after teardown used to join gloo's threads under the GIL they waited for."""
+    script = tmp_path / "cycles.py"
+    script.write_text(_TEARDOWN_CYCLES)
+    process = run_python(script, "100", timeout=120)
+    assert process.returncode == 0 and "cycles done" in process.stdout, explain(process)
 
 
 def test_teardown_keeps_a_process_group_it_did_not_create(clean_env: None) -> None:

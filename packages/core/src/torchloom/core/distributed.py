@@ -7,6 +7,7 @@ strategy.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import warnings
 from collections.abc import Iterator, Sized
@@ -47,6 +48,8 @@ REDUCE_OPS: dict[str, dist.ReduceOp.RedOpType] = {
 }
 _ALIASES = {"avg": "mean", "prod": "product"}
 _generation = 0  # default process groups this process has created (the store key prefix of the next)
+_retired_groups: list[Any] = []  # handles of destroyed default groups, see destroy_process_group
+atexit.register(_retired_groups.clear)  # dropped while the interpreter is still whole
 
 
 def is_distributed() -> bool:
@@ -75,6 +78,7 @@ def init_process_group(
     All ranks create their groups in the same order, so they agree on the prefix.
     """
     global _generation
+    _retired_groups.clear()  # the groups destroyed before have long been idle
     if not dist.is_available():
         raise RuntimeError("This build of torch has no torch.distributed; multi-process strategies cannot run.")
     if dist.is_initialized():
@@ -99,7 +103,17 @@ def init_process_group(
 
 
 def destroy_process_group() -> None:
+    """Destroys every process group, keeping the default group's handle until the next init or exit.
+
+    A DDP wrapper that outlives the group (a user's variable, a test's local) holds it through its C++
+    reducer. Were the reducer's release the group's last reference, the group's destructor would join
+    gloo's worker threads inside a Python dealloc that holds the GIL, while a worker still freeing the
+    tensors of a just-finished collective waits for that GIL: a deadlock (about one teardown in fifty
+    here, right after a collective). With the handle kept, the last reference goes from Python, which
+    releases the GIL around the destructor, and by then the workers are idle.
+    """
     if is_distributed():
+        _retired_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 
