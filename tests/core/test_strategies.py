@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import SequentialSampler
 
+from tests.processes import explain, run_python
 from torchloom.core import distributed
 from torchloom.core.accelerators.cpu import CPUAccelerator
 from torchloom.core.environments.local import LocalEnvironment
@@ -25,7 +26,6 @@ from torchloom.core.registry import STRATEGIES
 from torchloom.core.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, call_through_forward
 from torchloom.core.strategies import ddp as ddp_module
 from torchloom.core.utils import rank_zero
-from tests.processes import explain, run_python
 
 
 class Net(nn.Module):
