@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from torchloom.core import distributed
 from torchloom.core.environments.local import find_free_port
 from torchloom.core.errors import ConfigurationError
 from torchloom.fabric import Fabric, FabricDataLoader, FabricModule, FabricOptimizer, FabricUsageError
@@ -70,7 +71,7 @@ def process_group() -> Generator[None, None, None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        distributed.destroy_process_group()  # keeps the group's handle while a test's DDP wrapper may live
 
 
 def wrap(module: nn.Module, forward_module: nn.Module | None = None, precision: str = "32-true") -> FabricModule:

@@ -98,6 +98,7 @@ def sharding_child(job_path: str) -> None:
         optimizer.zero_grad()
         fabric.backward(loss)
         optimizer.step()
+    del model, optimizer  # a DDP reducer must not outlive the group it holds (gloo's destructor can deadlock)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     write_report(job, {})
