@@ -82,6 +82,24 @@ def test_explicit_flags_override_the_defaults_and_fork_the_names() -> None:
     assert store.epoch_end("validate") == {"acc_epoch": 0.5}
 
 
+def test_the_same_name_logged_another_way_is_recorded_that_way_and_new_names_stay_bounded() -> None:
+    """The store remembers each way of logging a name; a change of flags is not answered from that memory."""
+    from torchloom.trainer import logging as logging_module
+
+    store = MetricStore(no_reduce)
+    with store.hook("training_step", "train"):
+        store.log("loss", 1.0, prog_bar=True)
+    store.step_end()
+    with store.hook("training_step", "train"):
+        store.log("loss", 2.0, prog_bar=False, on_epoch=True)
+    assert store.step_end() == {"loss_step": 2.0}
+    with store.hook("training_step", "train"):
+        for step in range(logging_module._MAX_METAS + 10):  # a name per step, as some users log
+            store.log(f"loss_{step}", float(step))
+    assert len(store._metas) <= logging_module._MAX_METAS
+    assert store.step_end()[f"loss_{logging_module._MAX_METAS + 9}"] == logging_module._MAX_METAS + 9
+
+
 def test_logger_and_prog_bar_flags_choose_the_dicts() -> None:
     store = MetricStore(no_reduce)
     with store.hook("training_step", "train"):

@@ -212,3 +212,41 @@ def test_an_exception_reaches_on_exception_and_propagates() -> None:
     with pytest.raises(RuntimeError, match="boom in training_step"):
         trainer.fit(Failing(), loader())
     assert len(seen) == 1 and "boom" in str(seen[0])
+
+
+def test_the_base_no_op_hooks_really_do_nothing() -> None:
+    """The Trainer skips the hooks in NO_OP_HOOKS unless overridden: each must be an empty body in the base."""
+    import ast
+    import inspect
+    import textwrap
+
+    from torchloom.trainer.module import NO_OP_HOOKS
+
+    assert {"on_train_batch_start", "on_before_backward", "on_before_zero_grad", "configure_model"} <= NO_OP_HOOKS
+    for name in NO_OP_HOOKS:
+        function = ast.parse(textwrap.dedent(inspect.getsource(getattr(LoomModule, name)))).body[0]
+        assert isinstance(function, ast.FunctionDef), name
+        body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        returns_none = [
+            s for s in body if isinstance(s, ast.Return) and (s.value is None or ast.unparse(s.value) == "None")
+        ]
+        assert body == returns_none, f"LoomModule.{name} does something, so it must not be in NO_OP_HOOKS"
+
+
+def test_overridden_hooks_run_and_may_log_and_base_no_ops_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    class Logging(Regressor):
+        def on_before_zero_grad(self, optimizer: Any) -> None:
+            calls.append("on_before_zero_grad")
+            self.log("from_hook", 1.0)
+
+    for name in ("on_train_batch_start", "on_after_backward"):  # base no-ops: a call would be recorded
+        monkeypatch.setattr(LoomModule, name, lambda self, *a, _n=name: calls.append(_n), raising=True)
+    from torchloom.trainer import hooks
+
+    monkeypatch.setattr(hooks, "NO_OP_HOOKS", hooks.NO_OP_HOOKS | {"on_train_batch_start", "on_after_backward"})
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2)
+    trainer.fit(Logging(), loader())
+    assert calls == ["on_before_zero_grad", "on_before_zero_grad"]
+    assert float(trainer.callback_metrics["from_hook"]) == 1.0

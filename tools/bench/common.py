@@ -231,6 +231,7 @@ class Row:
     cpu_ratio: float | None = None
     unit: str = "s"  # "s" or "B"
     tokens_per_s: float | None = None  # throughput rows
+    ratio_spread: float | None = None  # IQR of the per-round ratios (paired step rows)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,15 +255,19 @@ def ratio_rows(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    header = f"{'benchmark':<44} {'median':>10} {'IQR':>9} {'ratio':>7} {'cpu ratio':>9} {'target':>7} result"
+    header = (
+        f"{'benchmark':<44} {'median':>10} {'IQR':>9} {'ratio':>7} {'ratio IQR':>9} {'cpu ratio':>9} {'target':>7} "
+        "result"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         cpu = f"{row.cpu_ratio:.3f}" if row.cpu_ratio is not None else "-"
+        ratio_spread = f"{row.ratio_spread:.3f}" if row.ratio_spread is not None else "-"
         target = f"{row.target:.2f}" if row.target is not None else "-"
         note = f"  {row.tokens_per_s:,.0f} tokens/s" if row.tokens_per_s is not None else ""
         lines.append(
             f"{row.kind + ': ' + row.name:<44} {_value(row.median, row.unit):>10} {_value(row.spread, row.unit):>9} "
-            f"{row.ratio:>7.3f} {cpu:>9} {target:>7} {row.status}{note}"
+            f"{row.ratio:>7.3f} {ratio_spread:>9} {cpu:>9} {target:>7} {row.status}{note}"
         )
     return "\n".join(lines)
 

@@ -1,11 +1,14 @@
 """Step overhead: one model, data, seed and optimizer trained by plain PyTorch, Fabric and the Trainer.
 
-The runner starts one job per variant and repetition, in turn (plain, plain again, Fabric, Trainer, plain, ...),
-all with the same environment: one process, or ``world_size`` ranks under torchrun (``ddp_overhead.py``). A job
-(``python -m tools.bench.step_overhead JOB.json``) trains every workload x precision with its variant; each rank
-writes, per configuration, the wall (``time.perf_counter``) and process CPU (``time.process_time``) time of each
-step after warm-up (the time between consecutive batch starts), and its peak RSS at the end. The launch, memory
-and GPU benchmarks run the same jobs.
+Paired blocks: every repetition is one process (or one ``world_size``-rank job under torchrun, ``ddp_overhead.py``)
+that trains all variants in rounds. A round trains each variant for a short block of steps (a fresh model,
+optimizer and Fabric/Trainer each time), in an order that rotates from round to round; a variant's ratio in a
+round is its median step time over plain PyTorch's median in the same round, and the reported ratio is the
+median over all rounds of all repetitions. Comparing within a round cancels what drifts more slowly than a
+round (another process on the machine, CPU clocks), which on a shared 2-core VM is larger than the overhead
+being measured. A step is the time between consecutive batch starts (``time.perf_counter``, and process CPU
+time), after each block's warm-up. The launch, memory and GPU benchmarks run one variant per job
+(``child`` with a plain variant name).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ class Workload:
 
 WORKLOADS = {
     "small": Workload("small", features=32, hidden=64, batch_size=32, steps=400),  # Python overhead dominates
-    "large": Workload("large", features=256, hidden=512, batch_size=128, steps=60),  # compute dominates
+    "large": Workload("large", features=256, hidden=512, batch_size=128, steps=96),  # compute dominates
 }
+ROUNDS = 8  # blocks per variant per repetition; a block is steps // ROUNDS timed steps
+BLOCK_WARMUP = 5  # untimed steps at the start of each block
 PRECISIONS = ("32-true", "bf16-mixed")
 # "plain-again" is the A/A row: the same plain loop, whose ratio to plain is the noise floor of the run.
 VARIANTS = ("plain", "plain-again", "fabric", "trainer")
@@ -227,14 +232,24 @@ TRAIN = {"plain": _train_plain, "plain-again": _train_plain, "fabric": _train_fa
 
 
 def child(job_path: str) -> None:
-    """Train every configuration of the job with one variant; each rank writes its step times and peak RSS."""
+    """Train every configuration of the job; each rank writes its step times and peak RSS.
+
+    ``job.variant == "paired"``: all of ``job.extra["variants"]`` in rotating rounds of blocks (see the module's
+    docstring); otherwise that one variant, once per configuration.
+    """
     import torch
 
     torch.set_num_threads(1)
     job = load_job(job_path)
     results = []
+    if job.variant == "paired":
+        plain_process(job.device, distributed=job.world_size > 1)  # first, so no variant owns (and ends) the group
     for config in job.configs:
         work = Workload(**config["workload"])
+        if job.variant == "paired":
+            rounds = _paired_rounds(work, config, job)
+            results.append({"workload": work.name, "precision": config["precision"], "rounds": rounds})
+            continue
         batches = job.warmup + config["steps"] + 1
         clock = StepClock(job.device, job.first_step_file if rank() == 0 else None)
         TRAIN[job.variant](work, config["precision"], batches, clock, job)
@@ -242,6 +257,21 @@ def child(job_path: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     write_report(job, {"results": results})
+
+
+def _paired_rounds(work: Workload, config: dict[str, Any], job: Job) -> list[dict[str, dict[str, list[float]]]]:
+    """Per round, per variant: the step times of one block. The order rotates so none always runs first."""
+    variants: list[str] = job.extra["variants"]
+    rounds = []
+    for index in range(job.extra["rounds"]):
+        order = variants[index % len(variants) :] + variants[: index % len(variants)]
+        blocks = {}
+        for variant in order:
+            clock = StepClock(job.device)
+            TRAIN[variant](work, config["precision"], job.warmup + config["steps"] + 1, clock, job)
+            blocks[variant] = clock.steps(job.warmup)
+        rounds.append(blocks)
+    return rounds
 
 
 def measure_steps(
@@ -254,35 +284,43 @@ def measure_steps(
     precisions: tuple[str, ...] = PRECISIONS,
     variants: tuple[str, ...] = VARIANTS,
 ) -> list[Row]:
-    """Interleave the variants over the repetitions; one row per variant x workload x precision (rank 0's steps).
+    """Paired rounds in ``repetitions`` jobs; one row per variant x workload x precision (rank 0's steps).
 
-    ``quick`` (a check that the suite runs, not a measurement) leaves out the A/A repeat of the plain loop.
+    The row's ratio is the median of the per-round ratios to plain PyTorch, its spread their IQR (as a ratio);
+    the median and CPU ratio pool every timed step. ``quick`` (a check that the suite runs, not a measurement)
+    leaves out the A/A repeat of the plain loop and runs 2 rounds of 3 steps.
     """
     if quick:
         variants = tuple(variant for variant in variants if variant != "plain-again")
+    rounds = 2 if quick else ROUNDS
     configs = [
-        {"workload": asdict(work), "precision": precision, "steps": 3 if quick else work.steps}
+        {"workload": asdict(work), "precision": precision, "steps": 3 if quick else max(work.steps // rounds, 3)}
         for work in WORKLOADS.values()
         for precision in precisions
     ]
+    extra = {"variants": list(variants), "rounds": rounds}
     wall: dict[tuple[str, str, str], list[float]] = {}
     cpu: dict[tuple[str, str, str], list[float]] = {}
+    ratios: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for rep in range(repetitions):
-            for variant in variants:
-                out = str(Path(scratch, f"{variant}-{rep}"))
-                job = Job(variant, configs, 2 if quick else 10, out, world_size=world_size, device=device)
-                for result in run_job(job, "tools.bench.step_overhead")[0]["results"]:
-                    key = (variant, result["workload"], result["precision"])
-                    wall.setdefault(key, []).extend(result["wall"])
-                    cpu.setdefault(key, []).extend(result["cpu"])
+            out = str(Path(scratch, f"paired-{rep}"))
+            job = Job("paired", configs, 2 if quick else BLOCK_WARMUP, out, world_size, device, extra=extra)
+            for result in run_job(job, "tools.bench.step_overhead")[0]["results"]:
+                for blocks in result["rounds"]:
+                    plain = median(blocks["plain"]["wall"])
+                    for variant, steps in blocks.items():
+                        key = (variant, result["workload"], result["precision"])
+                        wall.setdefault(key, []).extend(steps["wall"])
+                        cpu.setdefault(key, []).extend(steps["cpu"])
+                        ratios.setdefault(key, []).append(median(steps["wall"]) / plain)
     rows = []
     for work in WORKLOADS:
         for precision in precisions:
-            plain_wall, plain_cpu = median(wall["plain", work, precision]), median(cpu["plain", work, precision])
+            plain_cpu = median(cpu["plain", work, precision])
             for variant in variants:
                 key = (variant, work, precision)
-                ratio = median(wall[key]) / plain_wall
+                ratio = median(ratios[key])
                 target = TARGETS.get((variant, work))
                 rows.append(
                     Row(
@@ -295,6 +333,7 @@ def measure_steps(
                         verdict(ratio, target),
                         cpu_median=median(cpu[key]),
                         cpu_ratio=median(cpu[key]) / plain_cpu if plain_cpu > 0 else float("nan"),
+                        ratio_spread=iqr(ratios[key]),
                     )
                 )
     return rows

@@ -1,18 +1,21 @@
 """Calling hooks: every callback that defines the hook (in order), then the module; and the step methods.
 
-Each call runs inside ``MetricStore.hook(name, stage)`` so ``self.log`` knows where it is. Which
-callbacks define a hook is worked out once per run (a callback that keeps the base's no-op is skipped),
-so a hook costs a dict lookup and the calls that do something.
+Each call runs with the hook marked in the ``MetricStore`` so ``self.log`` knows where it is. Which
+callbacks define a hook, and whether the module overrides it, is worked out once per run: a callback
+that keeps the base's no-op is skipped, and so is the module's base no-op, so a hook costs a dict
+lookup and the calls that do something. This runs several times per training step, hence no
+context managers on this path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torchloom.trainer.callbacks.callback import Callback
 from torchloom.trainer.callbacks.checkpoint import ModelCheckpoint
 from torchloom.trainer.callbacks.early_stopping import EarlyStopping
-from torchloom.trainer.module import is_overridden
+from torchloom.trainer.module import NO_OP_HOOKS, is_overridden
 
 if TYPE_CHECKING:
     from torchloom.trainer.adapter import StrategyAdapter
@@ -47,10 +50,13 @@ class HookCaller:
     _metrics: MetricStore
     _adapter: StrategyAdapter
     state: TrainerState
+    _callback_plans: dict[tuple[str, bool | None], list[Callback]]
+    _module_plans: dict[str, tuple[Callable[..., Any] | None, bool]]
 
     def _reset_hook_cache(self) -> None:
-        self.__dict__["_hook_cache"] = {}
-        self.__dict__["_module_hook_cache"] = {}
+        """Forgets which callbacks and module methods run for each hook (a new run, new module or callbacks)."""
+        self._callback_plans = {}
+        self._module_plans = {}
 
     def _metric_stage(self) -> str:
         return _METRIC_STAGE.get(self.state.stage or "train", "train")
@@ -60,42 +66,65 @@ class HookCaller:
     ) -> None:
         """``monitoring=True``/``False``: only the callbacks that decide on a metric (checkpointing, early
         stopping) / only the others; ``None``: all."""
-        cache: dict[tuple[str, bool | None], list[Callback]] = self.__dict__.setdefault("_hook_cache", {})
-        callbacks = cache.get((hook, monitoring))
+        callbacks = self._callback_plans.get((hook, monitoring))
         if callbacks is None:
             callbacks = [c for c in self._callbacks if defines_hook(c, hook)]
             if monitoring is not None:
                 callbacks = [c for c in callbacks if isinstance(c, MONITORING) is monitoring]
-            cache[(hook, monitoring)] = callbacks
+            self._callback_plans[(hook, monitoring)] = callbacks
         if not callbacks:
             return
         module = self._module
-        with self._metrics.hook(hook, self._metric_stage(), dataloader_idx):
+        metrics = self._metrics
+        previous = metrics.swap_hook((hook, self._metric_stage(), dataloader_idx))
+        try:
             for callback in callbacks:
                 getattr(callback, hook)(self, module, *args)
+        finally:
+            metrics.swap_hook(previous)
 
     def _call_module(self, hook: str, *args: Any, dataloader_idx: int | None = None) -> Any:
+        plan = self._module_plans.get(hook)
+        if plan is None:
+            plan = self._module_plans[hook] = self._plan_module_hook(hook)
+        function, logs = plan
+        if function is None:
+            return None
+        if not logs:
+            return function(*args)
+        metrics = self._metrics
+        previous = metrics.swap_hook((hook, self._metric_stage(), dataloader_idx))
+        try:
+            return function(*args)
+        finally:
+            metrics.swap_hook(previous)
+
+    def _plan_module_hook(self, hook: str) -> tuple[Callable[..., Any] | None, bool]:
+        """``(what to call or None, whether it may log)``: the base's own hooks neither log nor, if no-ops, run."""
         module = self._module
         function = getattr(module, hook, None)
         if function is None:
-            return None
-        cache: dict[str, bool] = self.__dict__.setdefault("_module_hook_cache", {})
-        overridden = cache.get(hook)
-        if overridden is None:
-            overridden = cache[hook] = hook in vars(module) or is_overridden(module, hook)
-        if not overridden:  # the base's own: it does not log, so it needs no logging context
-            return function(*args)
-        with self._metrics.hook(hook, self._metric_stage(), dataloader_idx):
-            return function(*args)
+            return None, False
+        if hook in vars(module) or is_overridden(module, hook):
+            return function, True
+        return (None if hook in NO_OP_HOOKS else function), False
 
     def _call(self, hook: str, *args: Any, dataloader_idx: int | None = None) -> Any:
         """The callbacks' ``hook``, then the module's; returns what the module's returned."""
-        self._call_callbacks(hook, *args, dataloader_idx=dataloader_idx)
+        if self._callback_plans.get((hook, None)) != []:  # known to have no callbacks: not even a call
+            self._call_callbacks(hook, *args, dataloader_idx=dataloader_idx)
+        plan = self._module_plans.get(hook)
+        if plan is not None and plan[0] is None:
+            return None
         return self._call_module(hook, *args, dataloader_idx=dataloader_idx)
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
-        with self._metrics.hook("training_step", "train"):
+        metrics = self._metrics
+        previous = metrics.swap_hook(("training_step", "train", None))
+        try:
             return self._adapter.call_step("training_step", batch, batch_idx)
+        finally:
+            metrics.swap_hook(previous)
 
     def _transfer_batch(self, batch: Any, dataloader_idx: int) -> Any:
         return self._call_module("transfer_batch_to_device", batch, self._adapter.root_device, dataloader_idx)

@@ -126,6 +126,8 @@ class _Accumulator:
 
 
 def _reduce_fx_name(reduce_fx: Any) -> str:
+    if reduce_fx.__class__ is str and reduce_fx in REDUCE_FX:  # the common case, checked first
+        return str(reduce_fx)
     if isinstance(reduce_fx, str):
         name: Any = reduce_fx.lower()
     else:  # torch.mean & co., compared by identity (reduce_fx may be unhashable)
@@ -135,6 +137,10 @@ def _reduce_fx_name(reduce_fx: Any) -> str:
     return str(name)
 
 
+_AT_LEAST_FLOAT32 = (torch.float32, torch.float64)
+_MAX_METAS = 1024  # ways of logging remembered; names made up per step would otherwise grow the cache
+
+
 def _as_tensor(name: str, value: Any) -> Tensor:
     tensor: Tensor
     if isinstance(value, Tensor):
@@ -142,7 +148,9 @@ def _as_tensor(name: str, value: Any) -> Tensor:
             raise ConfigurationError(
                 f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}: log a number or a one-element tensor."
             )
-        tensor = value.detach().reshape(())
+        tensor = value.detach()
+        if tensor.dim() != 0:
+            tensor = tensor.reshape(())
     elif isinstance(value, numbers.Real):
         tensor = torch.tensor(float(value))
     else:
@@ -150,6 +158,8 @@ def _as_tensor(name: str, value: Any) -> Tensor:
             f"self.log({name!r}, ...) got {value!r} of type {type(value).__name__}: log a number or a one-element tensor."
         )
     # reductions in at least float32, whatever precision the value was computed in
+    if tensor.dtype in _AT_LEAST_FLOAT32:
+        return tensor
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
@@ -167,17 +177,24 @@ class MetricStore:
         self._step: dict[str, tuple[Tensor, _Meta]] = {}
         self._epoch: dict[str, dict[str, _Accumulator]] = {}
         self._last_epoch: dict[str, dict[str, Tensor]] = {}
+        self._metas: dict[tuple[Any, ...], tuple[_Meta, str, str]] = {}
 
     @contextlib.contextmanager
     def hook(self, name: str, stage: str, dataloader_idx: int | None = None) -> Generator[None, None, None]:
         """Marks ``name`` as the running hook of ``stage``; pass ``dataloader_idx`` when several eval loaders run."""
         if stage not in STAGES:
             raise ConfigurationError(f"stage={stage!r} is not valid. Valid: {choices(STAGES)}.")
-        previous, self._hook = self._hook, (name, stage, dataloader_idx)
+        previous = self.swap_hook((name, stage, dataloader_idx))
         try:
             yield
         finally:
             self._hook = previous
+
+    def swap_hook(self, hook: tuple[str, str, int | None] | None) -> tuple[str, str, int | None] | None:
+        """Makes ``hook`` (name, stage, dataloader_idx) the running one and returns the one it replaces: what
+        ``hook()`` does, without a context manager's cost, for the trainer's per-step calls."""
+        previous, self._hook = self._hook, hook
+        return previous
 
     def log(
         self,
@@ -225,13 +242,11 @@ class MetricStore:
             raise ConfigurationError(f"self.log({name!r}, batch_size={batch_size!r}): use an int >= 1.")
         if stage == "sanity_check":
             return
-        suffix = "" if dataloader_idx is None else f"/dataloader_idx_{dataloader_idx}"
-        meta = _Meta(name, suffix, prog_bar, logger, on_step, on_epoch, fx, sync_dist)
-        key = meta.key()
+        meta, key, step_key = self._meta(name, dataloader_idx, prog_bar, logger, on_step, on_epoch, fx, sync_dist)
         if on_step:
             self._step[key] = (tensor, meta)
             if not sync_dist:  # callbacks of this very step (on_train_batch_end) see it; loggers get it at step_end
-                self._publish(key, meta.key("_step") if on_epoch else key, tensor, meta, None)
+                self._publish(key, step_key, tensor, meta, None)
         if on_epoch:
             weight = batch_size or (None if hook in _EPOCH_HOOKS else self.current_batch_size) or 1
             accumulators = self._epoch.setdefault(stage, {})
@@ -245,6 +260,30 @@ class MetricStore:
                 )
             else:
                 accumulator.add(tensor, weight)
+
+    def _meta(
+        self,
+        name: str,
+        dataloader_idx: int | None,
+        prog_bar: bool,
+        logger: bool,
+        on_step: bool,
+        on_epoch: bool,
+        fx: str,
+        sync_dist: bool,
+    ) -> tuple[_Meta, str, str]:
+        """``(meta, key, key of its step value)`` for one way of logging a name, made once: a training step logs
+        the same names the same way every time."""
+        fields = (name, dataloader_idx, prog_bar, logger, on_step, on_epoch, fx, sync_dist)
+        found = self._metas.get(fields)
+        if found is None:
+            if len(self._metas) >= _MAX_METAS:
+                self._metas.clear()
+            suffix = "" if dataloader_idx is None else f"/dataloader_idx_{dataloader_idx}"
+            meta = _Meta(name, suffix, prog_bar, logger, on_step, on_epoch, fx, sync_dist)
+            key = meta.key()
+            found = self._metas[fields] = (meta, key, meta.key("_step") if on_epoch else key)
+        return found
 
     def _sync(self, items: list[tuple[Tensor, str]]) -> list[Tensor]:
         """Reduces every (tensor, op) across ranks, one collective per (op, device, dtype)."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from torchloom.trainer.trainer import Trainer
 
-__all__ = ["LoomModule", "is_overridden"]
+__all__ = ["NO_OP_HOOKS", "LoomModule", "is_overridden"]
 
 CLIP_ALGORITHMS = ("norm", "value")
 _NOT_PICKLED = ("_trainer", "_loom_optimizers", "_toggled")
@@ -413,3 +413,11 @@ class LoomModule(HyperparametersMixin, nn.Module):
     def on_before_zero_grad(self, optimizer: Optimizer) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+
+# The base's hooks that do nothing: the Trainer does not even call them unless a subclass overrides them.
+NO_OP_HOOKS = frozenset(
+    name
+    for name in vars(LoomModule)
+    if name.startswith("on_") or name in ("prepare_data", "setup", "teardown", "configure_model")
+)

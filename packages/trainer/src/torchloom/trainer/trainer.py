@@ -127,6 +127,7 @@ class Trainer(LoopControl):
         self._loggers = parse_loggers(logger, self._config)
         self._base_callbacks = _with_default_callbacks(parse_callbacks(callbacks), self._config)
         self._callbacks: list[Callback] = list(self._base_callbacks)
+        self._reset_hook_cache()
         self._metrics = MetricStore(self._adapter.reduce, enabled=not self._config.barebones)
         self._progress = FitProgress()
         self.state = TrainerState()

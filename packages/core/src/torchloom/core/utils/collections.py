@@ -18,6 +18,10 @@ def apply_to_collection(
     """
     if isinstance(data, dtype):
         return function(data, *args, **kwargs)
+    kind = type(data)
+    if kind is list or kind is tuple:  # the usual batch, without the slower abstract-class checks below
+        values = [apply_to_collection(v, dtype, function, *args, **kwargs) for v in data]
+        return values if kind is list else tuple(values)
     if isinstance(data, Mapping):
         items = {k: apply_to_collection(v, dtype, function, *args, **kwargs) for k, v in data.items()}
         try:

@@ -98,7 +98,7 @@ class ProgressBar(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: LoomModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        loss = outputs if isinstance(outputs, Tensor) or not isinstance(outputs, Mapping) else outputs.get("loss")
         if isinstance(loss, Tensor):
             self._loss = loss.detach()
         elif isinstance(loss, (int, float)):

@@ -79,13 +79,15 @@ class AutomaticOptimization:
                 f"{type(module).__name__}.optimizer_step did not run the closure it was given, so training_step "
                 "never ran. Call optimizer.step(closure=optimizer_closure) (or optimizer_closure()) in it."
             )
-        step_schedulers(
-            trainer.lr_scheduler_configs,
-            "step",
-            trainer.global_step,
-            trainer.callback_metrics,
-            lambda scheduler, metric: trainer._call_module("lr_scheduler_step", scheduler, metric),
-        )
+        configs = trainer.lr_scheduler_configs
+        if configs:
+            step_schedulers(
+                configs,
+                "step",
+                trainer.global_step,
+                trainer.callback_metrics,
+                lambda scheduler, metric: trainer._call_module("lr_scheduler_step", scheduler, metric),
+            )
         raw = trainer.optimizers[0]
         trainer._call("on_before_zero_grad", raw)
         trainer._call_module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
