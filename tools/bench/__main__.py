@@ -21,8 +21,8 @@ from tools.bench.memory import run_memory
 from tools.bench.step_overhead import run_step_overhead
 
 SECTIONS = ("step", "import", "ddp", "launch", "memory", "gpu")
-# full-configuration repetitions: about 14 minutes on 2 CPU cores (gpu is skipped there)
-DEFAULT_REPS = {"step": 5, "import": 10, "ddp": 3, "launch": 5, "memory": 2, "gpu": 5}
+# full-configuration repetitions (a step or ddp repetition is 8 paired rounds): about 15 minutes on 2 CPU cores
+DEFAULT_REPS = {"step": 3, "import": 10, "ddp": 2, "launch": 5, "memory": 2, "gpu": 3}
 
 
 def parse_sections(text: str) -> list[str]:
