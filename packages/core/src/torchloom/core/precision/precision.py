@@ -35,6 +35,9 @@ def default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
         torch.set_default_dtype(previous)
 
 
+_NOTHING = contextlib.nullcontext()  # reusable and reentrant
+
+
 class Precision:
     """How numbers are represented during training.
 
@@ -61,10 +64,9 @@ class Precision:
         """Active while the user creates tensors that should get the precision's default dtype."""
         yield
 
-    @contextlib.contextmanager
-    def forward_context(self) -> Generator[None, None, None]:
-        """Wraps the forward pass (autocast for mixed precision)."""
-        yield
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        """Wraps the forward pass (autocast for mixed precision). Entered every step: the base's is free."""
+        return _NOTHING
 
     def convert_input(self, data: Any) -> Any:
         """Casts floating point inputs to the compute dtype."""
