@@ -100,7 +100,7 @@ class ProgressBar(Callback):
     ) -> None:
         loss = outputs if isinstance(outputs, Tensor) or not isinstance(outputs, Mapping) else outputs.get("loss")
         if isinstance(loss, Tensor):
-            self._loss = loss.detach()
+            self._loss = loss.detach() if loss.requires_grad else loss  # the Trainer's outputs come detached
         elif isinstance(loss, (int, float)):
             self._loss = loss
         self._advance("train", batch_idx + 1, trainer, module)
