@@ -43,8 +43,8 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], dict[s
         assert row["median"] > 0 and row["spread"] >= 0, key
         assert row["status"] in ("PASS", "FAIL", "info"), key
         assert row["unit"] in ("s", "B"), key
-        if row["kind"].endswith("step"):
-            assert math.isfinite(row["cpu_ratio"]), key
+        if row["kind"].endswith("step"):  # paired rounds: the spread of the per-round ratios comes with them
+            assert math.isfinite(row["cpu_ratio"]) and row["ratio_spread"] >= 0, key
         assert f"{row['kind']}: {row['name']}" in done.stdout  # the table printed is the same numbers
     return rows, done.stdout
 
@@ -197,3 +197,25 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "State:\tZ" not in status  # a zombie is dead, only not reaped yet
+
+
+def test_paired_rounds_rotate_the_order_and_time_every_variant_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools.bench import step_overhead
+
+    order: list[str] = []
+
+    def fake(name: str) -> Any:
+        def train(work: Any, precision: str, batches: int, clock: step_overhead.StepClock, job: Job) -> None:
+            order.append(name)
+            for _ in range(batches):
+                clock.tick()
+
+        return train
+
+    variants = ["plain", "fabric", "trainer"]
+    monkeypatch.setattr(step_overhead, "TRAIN", {v: fake(v) for v in variants})
+    job = Job("paired", [], 1, "unused", extra={"variants": variants, "rounds": 3})
+    rounds = step_overhead._paired_rounds(step_overhead.WORKLOADS["small"], {"precision": "32-true", "steps": 2}, job)
+    assert order == [*variants, "fabric", "trainer", "plain", "trainer", "plain", "fabric"]
+    assert len(rounds) == 3
+    assert all(set(r) == set(variants) and len(r["plain"]["wall"]) == 2 for r in rounds)
