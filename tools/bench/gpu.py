@@ -17,6 +17,7 @@ job one variant (a fresh process per variant), the tests run all of them in one 
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 from pathlib import Path
@@ -172,6 +173,7 @@ def gpt_child(job_path: str) -> None:
         _train_gpt(config["variant"], job.warmup + config["steps"] + 1, clock, job)
         results.append({"variant": config["variant"], **clock.steps(job.warmup)})
     if torch.distributed.is_initialized():
+        gc.collect()  # DDP/FSDP wrappers sit in reference cycles; freed at exit, their group's destructor can abort
         torch.distributed.destroy_process_group()
     write_report(job, {"results": results})
 

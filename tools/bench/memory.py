@@ -14,6 +14,7 @@ row with the FSDP/DDP ratio. Skipped, with a message, while no strategy is regis
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 from dataclasses import asdict
@@ -99,6 +100,7 @@ def sharding_child(job_path: str) -> None:
         fabric.backward(loss)
         optimizer.step()
     del model, optimizer  # a DDP reducer must not outlive the group it holds (gloo's destructor can deadlock)
+    gc.collect()  # they sit in reference cycles
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     write_report(job, {})

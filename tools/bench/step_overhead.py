@@ -14,6 +14,7 @@ time), after each block's warm-up. The launch, memory and GPU benchmarks run one
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import tempfile
@@ -255,6 +256,7 @@ def child(job_path: str) -> None:
         TRAIN[job.variant](work, config["precision"], batches, clock, job)
         results.append({"workload": work.name, "precision": config["precision"], **clock.steps(job.warmup)})
     if torch.distributed.is_initialized():
+        gc.collect()  # DDP wrappers sit in reference cycles; freed at exit, their group's destructor can abort
         torch.distributed.destroy_process_group()
     write_report(job, {"results": results})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import warnings
 from collections.abc import Iterator, Sized
 from typing import Any, TypeVar
@@ -49,7 +50,16 @@ REDUCE_OPS: dict[str, dist.ReduceOp.RedOpType] = {
 _ALIASES = {"avg": "mean", "prod": "product"}
 _generation = 0  # default process groups this process has created (the store key prefix of the next)
 _retired_groups: list[Any] = []  # handles of destroyed default groups, see destroy_process_group
-atexit.register(_retired_groups.clear)  # dropped while the interpreter is still whole
+
+
+@atexit.register
+def _release_retired_groups() -> None:
+    """At exit, while the interpreter is whole: free unreachable wrappers first (DDP sits in reference cycles, and
+    its reducer holds a group), then the handles. Left to finalization, a group's destructor could wait on a gloo
+    worker that can no longer take the GIL, and the process aborts."""
+    if _retired_groups:
+        gc.collect()
+        _retired_groups.clear()
 
 
 def is_distributed() -> bool:
