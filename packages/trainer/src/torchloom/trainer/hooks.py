@@ -72,49 +72,49 @@ class HookCaller:
             if monitoring is not None:
                 callbacks = [c for c in callbacks if isinstance(c, MONITORING) is monitoring]
             self._callback_plans[(hook, monitoring)] = callbacks
-        if not callbacks:
-            return
+        if callbacks:
+            self._marked((hook, self._metric_stage(), dataloader_idx), self._run_callbacks, callbacks, hook, args)
+
+    def _run_callbacks(self, callbacks: list[Callback], hook: str, args: tuple[Any, ...]) -> None:
         module = self._module
-        metrics = self._metrics
-        previous = metrics.swap_hook((hook, self._metric_stage(), dataloader_idx))
-        try:
-            for callback in callbacks:
-                getattr(callback, hook)(self, module, *args)
-        finally:
-            metrics.swap_hook(previous)
+        for callback in callbacks:
+            getattr(callback, hook)(self, module, *args)
 
     def _call_module(self, hook: str, *args: Any, dataloader_idx: int | None = None) -> Any:
-        plan = self._module_plans.get(hook)
-        if plan is None:
-            plan = self._module_plans[hook] = self._plan_module_hook(hook)
-        function, logs = plan
+        function, logs = self._module_plans.get(hook) or self._module_plan(hook)
         if function is None:
             return None
         if not logs:
             return function(*args)
+        return self._marked((hook, self._metric_stage(), dataloader_idx), function, *args)
+
+    def _overrides(self, hook: str) -> bool:
+        """Whether the module replaces the base's ``hook`` (so the Trainer must call it)."""
+        return (self._module_plans.get(hook) or self._module_plan(hook))[1]
+
+    def _marked(self, mark: tuple[str, str, int | None], function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` with ``mark`` (hook, stage, dataloader_idx) as the running hook, for ``self.log``."""
         metrics = self._metrics
-        previous = metrics.swap_hook((hook, self._metric_stage(), dataloader_idx))
+        previous = metrics.swap_hook(mark)
         try:
             return function(*args)
         finally:
             metrics.swap_hook(previous)
 
-    def _overrides(self, hook: str) -> bool:
-        """Whether the module replaces the base's ``hook`` (so the Trainer must call it)."""
-        plan = self._module_plans.get(hook)
-        if plan is None:
-            plan = self._module_plans[hook] = self._plan_module_hook(hook)
-        return plan[1]
-
-    def _plan_module_hook(self, hook: str) -> tuple[Callable[..., Any] | None, bool]:
-        """``(what to call or None, whether it may log)``: the base's own hooks neither log nor, if no-ops, run."""
+    def _module_plan(self, hook: str) -> tuple[Callable[..., Any] | None, bool]:
+        """Works out, once per run, ``(what to call or None, whether it may log)`` for the module's ``hook``: the
+        base's own hooks neither log nor, if no-ops, run."""
         module = self._module
         function = getattr(module, hook, None)
+        plan: tuple[Callable[..., Any] | None, bool]
         if function is None:
-            return None, False
-        if hook in vars(module) or is_overridden(module, hook):
-            return function, True
-        return (None if hook in NO_OP_HOOKS else function), False
+            plan = (None, False)
+        elif hook in vars(module) or is_overridden(module, hook):
+            plan = (function, True)
+        else:
+            plan = (None if hook in NO_OP_HOOKS else function, False)
+        self._module_plans[hook] = plan
+        return plan
 
     def _call(self, hook: str, *args: Any, dataloader_idx: int | None = None) -> Any:
         """The callbacks' ``hook``, then the module's; returns what the module's returned."""
@@ -126,12 +126,9 @@ class HookCaller:
         return self._call_module(hook, *args, dataloader_idx=dataloader_idx)
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
-        metrics = self._metrics
-        previous = metrics.swap_hook(("training_step", "train", None))
-        try:
-            return self._adapter.call_step("training_step", batch, batch_idx)
-        finally:
-            metrics.swap_hook(previous)
+        return self._marked(
+            ("training_step", "train", None), self._adapter.call_step, "training_step", batch, batch_idx
+        )
 
     def _transfer_batch(self, batch: Any, dataloader_idx: int) -> Any:
         if not self._overrides("transfer_batch_to_device"):  # what the base's does, two calls shorter

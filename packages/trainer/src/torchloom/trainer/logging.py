@@ -188,7 +188,7 @@ class MetricStore:
         try:
             yield
         finally:
-            self._hook = previous
+            self.swap_hook(previous)
 
     def swap_hook(self, hook: tuple[str, str, int | None] | None) -> tuple[str, str, int | None] | None:
         """Makes ``hook`` (name, stage, dataloader_idx) the running one and returns the one it replaces: what
