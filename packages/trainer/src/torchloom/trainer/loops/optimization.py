@@ -71,13 +71,18 @@ class AutomaticOptimization:
             with trainer._adapter.no_backward_sync():
                 closure()
             return detached(result.get("output"))
-        module = trainer.loom_module
-        optimizer = module.optimizers()
-        trainer._call_module("optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+        raw = trainer.optimizers[0]
+        # the module's step hooks get LoomOptimizers; the base's hooks are done here directly, as they would do it
+        if trainer._overrides("optimizer_step"):
+            optimizer = trainer.loom_module.optimizers()
+            trainer._call_module("optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+        else:
+            trainer._adapter.optimizer_step(raw, closure=closure)
         if "output" not in result:
             raise ConfigurationError(
-                f"{type(module).__name__}.optimizer_step did not run the closure it was given, so training_step "
-                "never ran. Call optimizer.step(closure=optimizer_closure) (or optimizer_closure()) in it."
+                f"{type(trainer.loom_module).__name__}.optimizer_step did not run the closure it was given, so "
+                "training_step never ran. Call optimizer.step(closure=optimizer_closure) (or optimizer_closure()) "
+                "in it."
             )
         configs = trainer.lr_scheduler_configs
         if configs:
@@ -88,9 +93,12 @@ class AutomaticOptimization:
                 trainer.callback_metrics,
                 lambda scheduler, metric: trainer._call_module("lr_scheduler_step", scheduler, metric),
             )
-        raw = trainer.optimizers[0]
         trainer._call("on_before_zero_grad", raw)
-        trainer._call_module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
+        if trainer._overrides("optimizer_zero_grad"):
+            optimizer = trainer.loom_module.optimizers()
+            trainer._call_module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
+        else:
+            raw.zero_grad()
         return detached(result["output"])
 
     def _forward_backward(self, batch: Any, batch_idx: int, result: dict[str, Any]) -> Tensor | None:
