@@ -16,7 +16,7 @@ from torch.utils.data import SequentialSampler
 from tests.processes import explain, run_python
 from torchloom.core import distributed
 from torchloom.core.accelerators.cpu import CPUAccelerator
-from torchloom.core.environments.local import LocalEnvironment
+from torchloom.core.environments.local import LocalEnvironment, find_free_port
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.launchers.multiprocessing import MultiprocessingLauncher
 from torchloom.core.launchers.subprocess_script import SubprocessScriptLauncher
@@ -336,6 +336,23 @@ def test_a_ddp_wrapper_outliving_its_process_group_never_deadlocks(tmp_path: Pat
     script.write_text(_TEARDOWN_CYCLES)
     process = run_python(script, "100", timeout=120)
     assert process.returncode == 0 and "cycles done" in process.stdout, explain(process)
+
+
+def test_at_exit_a_group_torchloom_made_is_destroyed_and_a_users_is_left(clean_env: None) -> None:
+    port = LocalEnvironment().main_port
+    timeout = datetime.timedelta(seconds=30)
+    assert distributed.init_process_group(
+        "gloo", rank=0, world_size=1, timeout=timeout, main_address="127.0.0.1", main_port=port
+    )
+    distributed.all_reduce(torch.ones(1))
+    distributed._release_groups_at_exit()
+    assert not dist.is_initialized() and not distributed._retired_groups
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
+    try:
+        distributed._release_groups_at_exit()
+        assert dist.is_initialized()  # the user's own group: theirs to end
+    finally:
+        dist.destroy_process_group()
 
 
 def test_teardown_keeps_a_process_group_it_did_not_create(clean_env: None) -> None:

@@ -52,11 +52,18 @@ _generation = 0  # default process groups this process has created (the store ke
 _retired_groups: list[Any] = []  # handles of destroyed default groups, see destroy_process_group
 
 
+_created_groups: list[Any] = []  # default groups this module created (a user's own are theirs to end)
+
+
 @atexit.register
-def _release_retired_groups() -> None:
-    """At exit, while the interpreter is whole: free unreachable wrappers first (DDP sits in reference cycles, and
-    its reducer holds a group), then the handles. Left to finalization, a group's destructor could wait on a gloo
-    worker that can no longer take the GIL, and the process aborts."""
+def _release_groups_at_exit() -> None:
+    """At exit, while the interpreter is whole: destroy a default group this module made and nobody destroyed,
+    free unreachable wrappers (DDP sits in reference cycles, and its reducer holds a group), then drop the kept
+    handles. A group left to interpreter finalization can have a gloo worker still freeing the tensors of the
+    last collective; it needs the GIL, finalization ends such threads, and the process aborts."""
+    if is_distributed() and any(group is dist.group.WORLD for group in _created_groups):
+        destroy_process_group()
+    _created_groups.clear()
     if _retired_groups:
         gc.collect()
         _retired_groups.clear()
@@ -100,6 +107,7 @@ def init_process_group(
         init_method = "env://"
     if backend.lower() == "mpi":  # MPI's runtime does the rendezvous and assigns the ranks
         dist.init_process_group(backend, timeout=timeout)
+        _created_groups[:] = [dist.group.WORLD]
         return True
     from torch.distributed.distributed_c10d import PrefixStore  # only in builds with torch.distributed
     from torch.distributed.rendezvous import rendezvous
@@ -108,6 +116,7 @@ def init_process_group(
     store.set_timeout(timeout)
     prefixed = PrefixStore(f"torchloom/{_generation}/default_pg", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
+    _created_groups[:] = [dist.group.WORLD]
     _generation += 1
     return True
 
