@@ -185,3 +185,17 @@ STRATEGIES.register(
     description="fully sharded data parallel, shards kept on the CPU",
     cpu_offload=True,
 )
+_DEEPSPEED_NAMES: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("deepspeed", {}, "DeepSpeed ZeRO stage 2"),
+    ("deepspeed_stage_1", {"stage": 1}, "DeepSpeed ZeRO stage 1: optimizer state partitioned"),
+    ("deepspeed_stage_2", {"stage": 2}, "DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned"),
+    ("deepspeed_stage_2_offload", {"stage": 2, "offload_optimizer": True}, "ZeRO stage 2, optimizer state on the CPU"),
+    ("deepspeed_stage_3", {"stage": 3}, "DeepSpeed ZeRO stage 3: parameters partitioned too"),
+    (
+        "deepspeed_stage_3_offload",
+        {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+        "ZeRO stage 3, optimizer state and parameters on the CPU",
+    ),
+)
+for _name, _kwargs, _what in _DEEPSPEED_NAMES:
+    STRATEGIES.register(_name, f"{_P}.strategies.deepspeed:DeepSpeedStrategy", description=_what, **_kwargs)

@@ -205,7 +205,7 @@ class FabricOptimizer(Optimizer):
         return output
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.__dict__["_strategy"].zero_grad(self.optimizer, set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         strategy = self.__dict__["_strategy"]

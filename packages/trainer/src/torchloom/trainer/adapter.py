@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
@@ -37,13 +36,6 @@ def raw_optimizer(optimizer: Optimizer | LoomOptimizer) -> Optimizer:
 
 def _no_op(optimizer: Optimizer) -> None:
     pass
-
-
-def _holds_dtensors(module: nn.Module) -> bool:
-    """Whether ``module`` has DTensor parameters (none can exist before something imported DTensor)."""
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(dtensor_module, "DTensor", None)
-    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
 
 class StrategyAdapter:
@@ -125,11 +117,12 @@ class StrategyAdapter:
     def teardown(self) -> None:
         """Forgets the run's wrapper (the next run wraps the module afresh) and tears the strategy down.
 
-        Except when the strategy sharded the module into DTensors: the shards belong to the process group
-        that a teardown destroys, and sharding cannot be undone or applied twice. The module then stays set
-        up, and the strategy with it, for later runs with this module (``fit`` then ``test``) and for saving.
+        Except when the strategy says the setup outlives the run (a module sharded into DTensors, whose shards
+        belong to the process group a teardown destroys; a DeepSpeed engine, built once per model). The module
+        then stays set up, and the strategy with it, for later runs with this module (``fit`` then ``test``)
+        and for saving.
         """
-        if self._module is not None and self._wrapped is not None and _holds_dtensors(self._wrapped):
+        if self._module is not None and self._wrapped is not None and self.strategy.setup_outlives_run(self._wrapped):
             self._kept = (self._module, self._wrapped)
             self._wrapped = None
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
@@ -133,6 +134,30 @@ class Strategy(ABC):
     initializes_empty_modules: bool = False
     # evaluation may run under torch.inference_mode(); FSDP2 reuses buffers made there when training resumes
     supports_inference_mode: bool = True
+    # the strategy clips gradients inside optimizer_step (DeepSpeed, by its config); products then do not clip
+    clips_gradients_in_step: bool = False
+
+    def configure_loop(
+        self,
+        *,
+        micro_batch_size: int | None = None,
+        accumulation_steps: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+    ) -> None:
+        """Told by a product, before setup, how its loop batches, accumulates and clips.
+
+        A strategy whose engine is built from these (DeepSpeed) records them; the others ignore them.
+        """
+
+    def setup_outlives_run(self, module: nn.Module) -> bool:
+        """Whether what ``setup_module`` made of a module must be kept for later runs instead of torn down.
+
+        True for modules sharded into DTensors (sharding cannot be undone or applied twice, and the shards
+        belong to the process group a teardown destroys); strategies with engines built once say so too.
+        """
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # none before it is imported
+        return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
     # ------------------------------------------------------------------ lifecycle
     def setup_environment(self) -> None:
@@ -191,6 +216,10 @@ class Strategy(ABC):
 
     def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
         return self.precision.optimizer_step(optimizer, **kwargs)
+
+    def zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
+        """Clears the gradients of ``optimizer``'s parameters (an engine that owns the gradients clears its own)."""
+        optimizer.zero_grad(set_to_none=set_to_none)
 
     def clip_gradients_norm(
         self,
@@ -291,12 +320,15 @@ class Strategy(ABC):
 
         Plain values in ``state`` are replaced by the checkpoint's. With ``strict=True`` a key of
         ``state`` missing from the checkpoint, or a module with missing/unexpected keys, raises.
-        A sharded checkpoint directory (written by FSDP, model parallel) loads too, as full tensors.
+        A sharded checkpoint directory (written by FSDP, model parallel, DeepSpeed) loads too, as full tensors.
         """
+        from torchloom.core.checkpoint.deepspeed import is_deepspeed_checkpoint, load_consolidated
         from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
 
         if is_sharded_checkpoint(path):  # a sharded strategy's directory: read whole, by this process alone
             checkpoint = load_sharded(path, distributed=False)
+        elif is_deepspeed_checkpoint(path):  # DeepSpeed's partitions, gathered to full float32 weights
+            checkpoint = load_consolidated(path)
         else:
             checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         if state is None:

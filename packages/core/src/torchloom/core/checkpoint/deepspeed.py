@@ -1,0 +1,99 @@
+"""DeepSpeed checkpoints: DeepSpeed's own directory format, with torchloom's extra state beside it.
+
+Layout of ``path/``: what ``engine.save_checkpoint(path, tag=TAG)`` writes (``latest``, ``TAG/`` with
+one model-states and one optimizer-states file per rank, DeepSpeed's ``zero_to_fp32.py``), plus
+``EXTRA_FILE``, written by rank 0 after every rank finished its part: everything of the saved state that
+is not the engine's (the step, the loop position, schedulers, ...), which top-level entries the engine
+holds, and their shape. A directory without ``EXTRA_FILE`` is an incomplete save.
+
+``load_consolidated`` reads such a directory in one process, without a process group, into the dict a
+single-file save would have written: module entries as full float32 state dicts (DeepSpeed's
+``zero_to_fp32`` gathers the ZeRO partitions), the extra state as it was. Optimizer state stays
+partitioned per rank in DeepSpeed's format and is left out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchloom.core.checkpoint.io import TorchCheckpointIO
+from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.imports import require
+
+__all__ = [
+    "EXTRA_FILE",
+    "TAG",
+    "EngineState",
+    "is_deepspeed_checkpoint",
+    "load_consolidated",
+    "read_extra",
+    "write_extra",
+]
+
+EXTRA_FILE = "torchloom_deepspeed.pt"
+TAG = "checkpoint"
+_FORMAT = "torchloom-deepspeed-checkpoint"
+_VERSION = 1
+MODULE, OPTIMIZER = "module", "optimizer"
+
+
+class EngineState(dict[str, Any]):
+    """A checkpoint entry that DeepSpeed's engine saves and loads itself (the module's weights, or a marker
+    for its partitioned optimizer state). A DeepSpeed save routes it to the engine, not to ``EXTRA_FILE``."""
+
+    def __init__(self, kind: str, content: dict[str, Any] | None = None) -> None:
+        super().__init__(content or {})
+        self.kind = kind
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete checkpoint directory written by ``DeepSpeedStrategy``."""
+    folder = Path(path)
+    return (folder / EXTRA_FILE).is_file() and (folder / "latest").is_file()
+
+
+def write_extra(path: str | os.PathLike[str], entries: dict[str, Any], state: dict[str, Any]) -> None:
+    """Writes ``EXTRA_FILE`` atomically: ``entries`` (key -> "module", "optimizer" or a list of them) and ``state``."""
+    extra = {"format": _FORMAT, "version": _VERSION, "tag": TAG, "entries": entries, "state": state}
+    TorchCheckpointIO().save_checkpoint(extra, Path(path) / EXTRA_FILE)
+
+
+def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``EXTRA_FILE`` of a DeepSpeed checkpoint directory: ``entries``, ``state``, ``tag``."""
+    if not is_deepspeed_checkpoint(path):
+        raise ConfigurationError(
+            f"{os.fspath(path)!r} is not a complete torchloom DeepSpeed checkpoint: expected a directory holding "
+            f"DeepSpeed's 'latest' and torchloom's {EXTRA_FILE!r} (written last; a save cut short lacks it)."
+        )
+    extra = torch.load(Path(path) / EXTRA_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(extra, dict) or extra.get("format") != _FORMAT or extra.get("version") != _VERSION:
+        raise ConfigurationError(
+            f"{os.fspath(Path(path) / EXTRA_FILE)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION})."
+        )
+    return extra
+
+
+def skeleton(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every top-level entry of the saved state: plain values as saved, engine entries as their kinds."""
+    extra = read_extra(path)
+    return {**extra["state"], **extra["entries"]}
+
+
+def load_consolidated(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint as one dict (module entries as full float32 weights; optimizer entries left out)."""
+    extra = read_extra(path)
+    zero_to_fp32 = require("deepspeed", "Reading a DeepSpeed checkpoint").utils.zero_to_fp32
+    weights: dict[str, Any] | None = None
+    checkpoint = dict(extra["state"])
+    for key, kind in extra["entries"].items():
+        if kind != MODULE:
+            continue
+        if weights is None:
+            weights = dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(os.fspath(path), tag=extra["tag"]))
+            weights = {name: tensor.contiguous() for name, tensor in weights.items()}
+        checkpoint[key] = weights
+    return checkpoint
