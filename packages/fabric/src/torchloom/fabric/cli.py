@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate = commands.add_parser(
         "consolidate",
         help="turn a sharded checkpoint directory into one file that torch.load(weights_only=True) reads",
-        description="Read the sharded checkpoint CHECKPOINT_DIR (saved with state_dict_type='sharded', by any "
-        "number of ranks) in this one process and write it as the single file OUTPUT_FILE, with full tensors "
-        "and the structure of a full save. Needs memory for the whole checkpoint; no process group.",
+        description="Read the sharded checkpoint CHECKPOINT_DIR (saved with state_dict_type='sharded', or by "
+        "DeepSpeed's ZeRO stages, by any number of ranks) in this one process and write it as the single file "
+        "OUTPUT_FILE, with full tensors and the structure of a full save (DeepSpeed: float32 weights, without its "
+        "partitioned optimizer state). Needs memory for the whole checkpoint; no process group.",
     )
     consolidate.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="the sharded checkpoint directory")
     consolidate.add_argument("output_file", metavar="OUTPUT_FILE", help="the file to write")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from torchloom.core.checkpoint import deepspeed as deepspeed_io
 from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.io import TorchCheckpointIO
 from torchloom.core.errors import ConfigurationError
@@ -165,16 +166,31 @@ def read_checkpoint(trainer: Trainer, path: str) -> dict[str, Any] | None:
     a sharded checkpoint whole, so a checkpoint of a sharded run resumes under DDP or on one device.
     Optimizer states come back in ``optimizer.state_dict()``'s form (by position), whatever the file.
     """
-    if not sharded_io.is_sharded_checkpoint(path):
+    if not _is_checkpoint_directory(path):
         checkpoint = trainer._adapter.load_checkpoint(path)
     elif trainer.strategy.restore_checkpoint_after_setup:
         return None
-    else:
+    elif sharded_io.is_sharded_checkpoint(path):
         checkpoint = sharded_io.load_sharded(path)
+    else:
+        checkpoint = deepspeed_io.load_consolidated(path)
     states = checkpoint.get("optimizer_states")
     if isinstance(states, list):  # sharded saves key them by parameter name; every strategy loads positions
         checkpoint["optimizer_states"] = [_indexed(state) for state in states]
     return checkpoint
+
+
+def _is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
+    """A checkpoint written by every rank (DCP's sharded format, or DeepSpeed's)."""
+    return sharded_io.is_sharded_checkpoint(path) or deepspeed_io.is_deepspeed_checkpoint(path)
+
+
+def _saved_skeleton(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The top-level entries of a checkpoint directory (tensors and engine-held parts as placeholders)."""
+    if sharded_io.is_sharded_checkpoint(path):
+        skeleton: dict[str, Any] = sharded_io.read_meta(path)["skeleton"]
+        return skeleton
+    return deepspeed_io.skeleton(path)
 
 
 def _indexed(state: Any) -> Any:
@@ -197,7 +213,7 @@ def restore_after_setup(
         if fn == "fit":
             restore_training_state(trainer, checkpoint)
         return
-    saved = sharded_io.read_meta(path)["skeleton"]
+    saved = _saved_skeleton(path)
     entries: dict[str, Any] = {"state_dict": wrapped}
     with_optimizers = fn == "fit" and "optimizer_states" in saved
     if with_optimizers:
@@ -269,6 +285,8 @@ def load_module_from_checkpoint(
     """
     if sharded_io.is_sharded_checkpoint(path):
         checkpoint = sharded_io.load_sharded(path, distributed=False)
+    elif deepspeed_io.is_deepspeed_checkpoint(path):
+        checkpoint = deepspeed_io.load_consolidated(path)
     else:
         checkpoint = TorchCheckpointIO().load_checkpoint(
             path, map_location=map_location if map_location is not None else "cpu", weights_only=True

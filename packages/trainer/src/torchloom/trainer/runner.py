@@ -90,6 +90,13 @@ def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:
     checkpoint = checkpointing.read_checkpoint(trainer, path) if path is not None else None
     if checkpoint is not None and not trainer.strategy.restore_checkpoint_after_setup:
         checkpointing.restore_weights(trainer, checkpoint, module)
+    config = trainer._config
+    trainer.strategy.configure_loop(  # an engine built from the loop's settings (DeepSpeed) is built next
+        micro_batch_size=_batch_size(trainer._data_loaders("train")) if fn == "fit" else None,
+        accumulation_steps=config.accumulate_grad_batches,
+        gradient_clip_val=config.gradient_clip_val,
+        gradient_clip_algorithm=config.gradient_clip_algorithm,
+    )
     # sharded strategies replace the parameters here; optimizers made above are pointed at the new ones
     wrapped, optimizers = adapter.setup(module, optimizers)
     if fn == "fit":  # validate/test/predict keep the fitted optimizers (a later save_checkpoint holds them)
@@ -116,6 +123,12 @@ def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:
         datamodule.teardown(fn)
     trainer._call("teardown", fn)
     return output
+
+
+def _batch_size(loaders: list[Any]) -> int | None:
+    """The batch size of the first training loader, when it has a fixed one."""
+    size = getattr(loaders[0], "batch_size", None) if loaders else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def convert_sync_batchnorm(module: LoomModule, device: torch.device) -> LoomModule:

@@ -1,5 +1,8 @@
 """Consolidation: a sharded checkpoint directory -> one file that ``torch.load(weights_only=True)`` reads.
 
+Two kinds of directory: DCP's (FSDP, model parallel) and DeepSpeed's (ZeRO partitions, gathered by
+DeepSpeed's ``zero_to_fp32`` into float32 weights; its partitioned optimizer state is left out).
+
 Runs in one process, without a process group, whatever number of ranks wrote the checkpoint. The file
 has the nested structure a full (single-file) save writes: full-size tensors, module state dicts, and
 optimizer states in ``optimizer.state_dict()``'s form, so it loads into an unsharded model anywhere.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from torchloom.core.checkpoint.deepspeed import is_deepspeed_checkpoint, load_consolidated
 from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
 from torchloom.core.checkpoint.io import TorchCheckpointIO
 from torchloom.core.errors import ConfigurationError
@@ -28,10 +32,12 @@ def consolidate(
     source, target = Path(checkpoint_dir), Path(output_file)
     if not source.is_dir():
         raise ConfigurationError(f"CHECKPOINT_DIR {str(source)!r} is not a directory. Valid: a sharded checkpoint.")
-    if not is_sharded_checkpoint(source):
+    deepspeed = is_deepspeed_checkpoint(source)
+    if not deepspeed and not is_sharded_checkpoint(source):
         raise ConfigurationError(
             f"CHECKPOINT_DIR {str(source)!r} is not a torchloom sharded checkpoint (it lacks torchloom's metadata "
-            "file or DCP's '.metadata'). Valid: a directory saved with state_dict_type='sharded'."
+            "file and DCP's '.metadata', or DeepSpeed's 'latest' and torchloom's extra state). Valid: a directory "
+            "saved with state_dict_type='sharded', or by DeepSpeedStrategy."
         )
     if target.is_dir():
         raise ConfigurationError(f"OUTPUT_FILE {str(target)!r} is a directory. Valid: the path of a file to write.")
@@ -39,6 +45,6 @@ def consolidate(
         raise ConfigurationError(
             f"OUTPUT_FILE {str(target)!r} exists already. Valid: a new path, or overwrite=True to replace it."
         )
-    checkpoint = load_sharded(source, distributed=False)
+    checkpoint = load_consolidated(source) if deepspeed else load_sharded(source, distributed=False)
     TorchCheckpointIO().save_checkpoint(checkpoint, target)
     return target

@@ -158,6 +158,8 @@ class DeepSpeedStrategy(ParallelStrategy):
     @property
     @override
     def clips_gradients_in_step(self) -> bool:  # type: ignore[override]
+        if self._engine is not None:  # read every step: the engine's value, not a rebuilt config
+            return float(self._engine.gradient_clipping() or 0.0) > 0
         return float(self.config.get("gradient_clipping", 0.0) or 0.0) > 0
 
     @override
@@ -233,9 +235,9 @@ class DeepSpeedStrategy(ParallelStrategy):
         import deepspeed
 
         remote = "cpu" if self._offload_parameters else None
-        with deepspeed.zero.Init(
-            config_dict_or_path=self.config, remote_device=remote, dtype=self.precision.compute_dtype
-        ):
+        # the dtype comes from the config's precision sections: zero.Init's dtype argument is ignored on
+        # accelerators without float16 (DeepSpeed 0.19 then always picks bfloat16)
+        with deepspeed.zero.Init(config_dict_or_path=self.config, remote_device=remote):
             yield
 
     @override

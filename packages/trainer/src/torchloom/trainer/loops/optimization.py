@@ -122,8 +122,10 @@ class AutomaticOptimization:
         trainer = self.trainer
         trainer._call("on_before_optimizer_step", optimizer)
         config = trainer._config
-        if config.gradient_clip_val is None and not trainer._overrides("configure_gradient_clipping"):
-            return  # the base's would clip nothing
+        if not trainer._overrides("configure_gradient_clipping") and (
+            config.gradient_clip_val is None or trainer.strategy.clips_gradients_in_step
+        ):
+            return  # the base's would clip nothing, or the strategy clips inside its step (configure_loop)
         trainer._call_module(
             "configure_gradient_clipping", optimizer, config.gradient_clip_val, config.gradient_clip_algorithm
         )
