@@ -66,6 +66,19 @@ def tests(session: nox.Session, product: str, accelerator: str) -> None:
 
 
 @nox.session(tags=["ci"])
+def deepspeed(session: nox.Session) -> None:
+    """DeepSpeed (ZeRO 1/2/3, offload, zero.Init, checkpoints) through Fabric and the Trainer on 2 CPU processes.
+
+    DeepSpeed installs as pure Python and torchloom's default path makes it compile no C++ op
+    (see torchloom.core.strategies.deepspeed_config); a test proves the extensions folder stays empty.
+    """
+    _install_packages(session, extras="deepspeed")
+    session.install(*TEST_TOOLS)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "DS_ACCELERATOR": "cpu"}
+    session.run("python", "-m", "pytest", "tests/deepspeed", *session.posargs, env=env)
+
+
+@nox.session(tags=["ci"])
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
     session.install(RUFF)

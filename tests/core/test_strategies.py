@@ -422,3 +422,17 @@ def test_clipping_an_inf_gradient_raises_except_where_a_grad_scaler_skips_the_st
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_with(MixedPrecision("bf16-mixed"))  # no scaler: nothing would skip this step
     assert not torch.isfinite(clip_with(MixedPrecision("16-mixed")))  # the scaler will skip it
+
+
+def test_deepspeed_without_the_package_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused when the strategy is built (before any process starts), with the pip line of the extra."""
+    from torchloom.core.connector import Connector
+    from torchloom.core.errors import MissingDependencyError
+    from torchloom.core.strategies.deepspeed import DeepSpeedStrategy
+    from torchloom.core.utils import imports
+
+    monkeypatch.setattr(imports, "is_available", lambda module: module != "deepspeed")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'torchloom-core\[deepspeed\]'"):
+        DeepSpeedStrategy()
+    with pytest.raises(MissingDependencyError, match=r"torchloom-core\[deepspeed\]"):
+        Connector(accelerator="cpu", devices=2, strategy="deepspeed_stage_3").resolve()
