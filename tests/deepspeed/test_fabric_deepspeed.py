@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.processes import explain, job_env, run_python
 from tests.deepspeed.fabric_matrix import CASES
+from tests.processes import explain, job_env, run_python
 
 pytestmark = pytest.mark.slow
 
