@@ -11,6 +11,7 @@ autocast, in float32), ``16-mixed`` scales the loss, unscales before clipping an
 Run as a script (``python parity_helpers.py OUT_DIR``) it is the 2-rank job: ``fabric.launch()``
 re-runs it as 2 workers (strategy "ddp"); each runs the Fabric loop and then the plain DDP loop
 for every precision and saves the results to ``OUT_DIR/<precision>-<fabric|plain>-rank<r>.pt``.
+The test runs these loops in the workers of ``helpers/ddp_script.py`` (``run_ddp_loops``): one launch for both.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def ddp_fabric(precision: str) -> Fabric:
 
 def main(out_dir: Path) -> None:
     ddp_fabric(PRECISIONS[0]).launch()  # runs this script again as 2 workers; this process exits here
+    run_ddp_loops(out_dir)
+
+
+def run_ddp_loops(out_dir: Path) -> None:
+    """In each worker of a 2-rank job: both loops in every precision, saved for the test to compare."""
     rank = torch.distributed.get_rank()
     for precision in PRECISIONS:
         fabric = ddp_fabric(precision)

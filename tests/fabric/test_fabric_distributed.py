@@ -4,13 +4,15 @@
   ``rank_zero_first``, ``print``, sampler injection and ``set_epoch``, DDP training against a reference,
   ``no_backward_sync``, save on 2 ranks / load on 2, logging, callbacks), a ``DDPStrategy`` subclass
   registered as ``"my_ddp"`` (fork), and the 2-rank checkpoint loaded in one process.
-- ``helpers/ddp_script.py``: strategy ``"ddp"``, where ``launch()`` re-runs the script as the workers.
+- ``helpers/ddp_script.py``: strategy ``"ddp"``, where ``launch()`` re-runs the script as the workers (the
+  session's ``ddp_script_job`` in conftest.py, whose workers also run test_parity.py's 2-rank loops).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,10 @@ def test_spawn_and_fork_jobs_and_a_registered_custom_strategy(tmp_path: Path) ->
     assert load == {"step": "load", "remainder": {}, "restored_step": 3, "same_model": True, "same_optimizer": True}
 
 
-def test_ddp_launch_reruns_the_script_as_the_workers() -> None:
-    process = run_python(HELPERS / "ddp_script.py", timeout=120)
+def test_ddp_launch_reruns_the_script_as_the_workers(
+    ddp_script_job: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    process, _ = ddp_script_job  # the same launch also runs test_parity.py's 2-rank loops afterwards
     assert process.returncode == 0, explain(process)
     lines = process.stdout.splitlines()
     assert lines.count("BEFORE LAUNCH role=agent") == 1 and lines.count("BEFORE LAUNCH role=worker") == 2

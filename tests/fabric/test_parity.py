@@ -9,9 +9,7 @@ went down) in both loops alike.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +59,17 @@ def test_single_device_fabric_loop_equals_plain_pytorch(precision: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_fabric_loop_equals_plain_ddp(tmp_path: Path) -> None:
-    """One launch: both workers run all three precisions, the Fabric loop and then the plain DDP loop."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TORCHLOOM_")}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
-        environment.pop(name, None)
-    environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    script = Path(__file__).with_name("parity_helpers.py")
-    process = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        env=environment,
-        check=False,
-    )
+def test_two_rank_ddp_fabric_loop_equals_plain_ddp(
+    ddp_script_job: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """One launch: both workers run all three precisions, the Fabric loop and then the plain DDP loop.
+
+    The launch is helpers/ddp_script.py's (conftest.py): its workers run these loops after their own checks.
+    """
+    process, tmp_path = ddp_script_job
     assert process.returncode == 0, f"--- stdout\n{process.stdout[-3000:]}\n--- stderr\n{process.stderr[-6000:]}"
+    errors = {path.name: path.read_text() for path in sorted(tmp_path.glob("parity-error-rank*.txt"))}
+    assert not errors, "\n".join(f"--- {name}\n{text}" for name, text in errors.items())
 
     def result(precision: str, loop: str, rank: int) -> dict[str, Any]:
         loaded: dict[str, Any] = torch.load(tmp_path / f"{precision}-{loop}-rank{rank}.pt", weights_only=True)
