@@ -47,6 +47,10 @@ class RecordingAdapter:
     def clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str = "norm") -> None:
         self.events.append(("adapter.clip_gradients", optimizer, clip_val, algorithm))
 
+    def zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
+        self.events.append(("adapter.zero_grad", optimizer))
+        self.strategy.zero_grad(optimizer, set_to_none=set_to_none)
+
     @contextlib.contextmanager
     def no_backward_sync(self, enabled: bool = True) -> Generator[None, None, None]:
         yield
@@ -212,6 +216,7 @@ def test_manual_optimization_runs_hooks_in_order_and_steps_through_the_adapter()
     assert not torch.equal(before, net.a.weight)
     names = [event[0] for event in trainer.events]
     assert names == [
+        "adapter.zero_grad",
         "callbacks.on_before_backward",
         "module.on_before_backward",
         "adapter.backward",
@@ -219,8 +224,8 @@ def test_manual_optimization_runs_hooks_in_order_and_steps_through_the_adapter()
         "module.on_after_backward",
         "adapter.optimizer_step",
     ]
-    assert trainer.events[0][1] is loss and trainer.events[2][2] == {"retain_graph": True}
-    assert trainer.events[5][1] is raw
+    assert trainer.events[1][1] is loss and trainer.events[3][2] == {"retain_graph": True}
+    assert trainer.events[0][1] is raw and trainer.events[6][1] is raw
 
 
 def test_default_optimizer_step_and_zero_grad() -> None:
@@ -239,6 +244,7 @@ def test_default_optimizer_step_and_zero_grad() -> None:
     assert calls == ["closure"] and trainer.events == [("adapter.optimizer_step", raw)]
     net.optimizer_zero_grad(0, 0, net.optimizers())
     assert all(p.grad is None for p in net.parameters())
+    assert trainer.events[-1] == ("adapter.zero_grad", raw)
 
 
 def test_default_lr_scheduler_step_with_and_without_a_metric() -> None:

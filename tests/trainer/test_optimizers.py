@@ -224,6 +224,10 @@ class RecordingAdapter:
         optimizer.step()
         return loss
 
+    def zero_grad(self, optimizer: Optimizer, set_to_none: bool = True) -> None:
+        self.calls.append(("zero_grad", optimizer))
+        optimizer.zero_grad(set_to_none=set_to_none)
+
     @contextlib.contextmanager
     def no_backward_sync(self, enabled: bool = True) -> Generator[None, None, None]:
         self.calls.append(("no_sync", enabled))
@@ -265,6 +269,7 @@ def test_step_goes_through_the_adapter_with_closure_and_kwargs() -> None:
     assert isinstance(result, Tensor) and not torch.equal(before, module.a.weight)
     opt.zero_grad()
     assert module.a.weight.grad is None
+    assert adapter.calls[-1] == ("zero_grad", raw)  # through the strategy: an engine owns its gradients
 
 
 def test_everything_else_is_the_wrapped_optimizers() -> None:

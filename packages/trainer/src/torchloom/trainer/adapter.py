@@ -170,6 +170,10 @@ class StrategyAdapter:
         self.after_optimizer_step(inner)
         return result
 
+    def zero_grad(self, optimizer: Optimizer | LoomOptimizer, set_to_none: bool = True) -> None:
+        """Clears ``optimizer``'s gradients the strategy's way (an engine that owns them clears its own)."""
+        self.strategy.zero_grad(raw_optimizer(optimizer), set_to_none=set_to_none)
+
     def clip_gradients(
         self, optimizer: Optimizer | LoomOptimizer, clip_val: float | None, algorithm: str = "norm"
     ) -> Tensor | None:

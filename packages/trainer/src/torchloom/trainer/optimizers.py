@@ -214,7 +214,7 @@ class LoomOptimizer:
         return self._module.trainer._adapter.optimizer_step(self._optimizer, closure=closure, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._module.trainer._adapter.strategy.zero_grad(self._optimizer, set_to_none=set_to_none)
+        self._module.trainer._adapter.zero_grad(self._optimizer, set_to_none=set_to_none)
 
     @contextlib.contextmanager
     def toggle_model(self, sync_grad: bool = True) -> Generator[None, None, None]:

@@ -98,7 +98,7 @@ class AutomaticOptimization:
             optimizer = trainer.loom_module.optimizers()
             trainer._call_module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
         else:
-            trainer._adapter.strategy.zero_grad(raw)
+            trainer._adapter.zero_grad(raw)
         return detached(result["output"])
 
     def _forward_backward(self, batch: Any, batch_idx: int, result: dict[str, Any]) -> Tensor | None:
