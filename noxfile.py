@@ -71,6 +71,7 @@ def deepspeed(session: nox.Session) -> None:
 
     DeepSpeed installs as pure Python and torchloom's default path makes it compile no C++ op
     (see torchloom.core.strategies.deepspeed_config); a test proves the extensions folder stays empty.
+    On a GPU machine `nox -s deepspeed -- --accelerator cuda` runs the fp16/bf16 GPU test instead.
     """
     _install_packages(session, extras="deepspeed")
     session.install(*TEST_TOOLS)

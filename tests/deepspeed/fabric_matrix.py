@@ -43,6 +43,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("stage2-offload", {"stage": 2, "offload_optimizer": True}, "32-true"),
     ("stage3-offload", {"stage": 3, "offload_optimizer": True, "offload_parameters": True}, "bf16-true"),
 ]
+# on GPUs (``python fabric_matrix.py OUT cuda``): DeepSpeed's fp16 mode, which the CPU does not have
+CUDA_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("stage2-fp16", {"stage": 2}, "16-mixed"),
+    ("stage3-fp16", {"stage": 3}, "16-mixed"),
+    ("stage3-bf16", {"stage": 3}, "bf16-mixed"),
+]
 STEPS, ACCUMULATE, LR = 6, 2, 0.02
 
 
@@ -101,9 +107,10 @@ def full_weights(fabric: Fabric, model: Any) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in strategy.get_module_state_dict(model.forward_module).items()}
 
 
-def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str) -> dict[str, Any]:
+def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str, accelerator: str) -> dict[str, Any]:
     strategy = DeepSpeedStrategy(**arguments)
-    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy, precision=precision)
+    devices = 2 if accelerator == "cpu" else min(2, torch.cuda.device_count())
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
     fabric.launch()
     rank = fabric.global_rank
     fabric.seed_everything(7)
@@ -120,21 +127,23 @@ def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str) ->
         fabric.setup(build(), torch.optim.SGD(build().parameters(), lr=0.1))
     except ConfigurationError as error:
         result["second_model_error"] = str(error)
-    held_out = batches(rank, 4, seed=99)
+    held_out = [fabric.to_device(batch) for batch in batches(rank, 4, seed=99)]
     result["eval_before"] = eval_loss(model, held_out)
-    result["train_losses"] = train_steps(fabric, model, optimizer, batches(rank, STEPS * ACCUMULATE, seed=1))
+    result["train_losses"] = train_steps(
+        fabric, model, optimizer, on(fabric, batches(rank, STEPS * ACCUMULATE, seed=1))
+    )
     result["eval_after"] = eval_loss(model, held_out)
     weights = full_weights(fabric, model)
     gathered = fabric.all_gather(torch.cat([w.flatten() for w in weights.values()]))
-    result["rank_weight_diff"] = (gathered[0] - gathered[1]).abs().max().item()
-    if rank == 0:
+    result["rank_weight_diff"] = (gathered - gathered[0]).abs().max().item()
+    if rank == 0 and fabric.world_size == 2:
         reference = reference_weights([batches(r, STEPS * ACCUMULATE, seed=1) for r in range(2)])
         result["reference_diff"] = max((weights[k] - reference[k]).abs().max().item() for k in reference)
 
     folder = out / name
     state = {"model": model, "optimizer": optimizer, "step": STEPS}
     fabric.save(folder, state)
-    more = batches(rank, 2 * ACCUMULATE, seed=2)
+    more = on(fabric, batches(rank, 2 * ACCUMULATE, seed=2))
     result["after_save"] = train_steps(fabric, model, optimizer, more)
     state = {"model": model, "optimizer": optimizer, "step": -1}
     remainder = fabric.load(folder, state)
@@ -148,23 +157,27 @@ def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str) ->
         result["consolidated_keys"] = sorted(loaded)
         saved = loaded["model"]
         result["consolidated_matches"] = sorted(saved) == sorted(weights) and all(
-            torch.equal(saved[key].to(dtype_of(precision)).float(), weights[key]) for key in weights
+            torch.equal(saved[key].to(dtype_of(precision)).float(), weights[key].cpu()) for key in weights
         )
     fabric.barrier()  # the process group stays for the next case; this case's engine is dropped with it
     return result
 
 
+def on(fabric: Fabric, data: list[Any]) -> list[Any]:
+    return [fabric.to_device(batch) for batch in data]
+
+
 def dtype_of(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    return {"bf16": torch.bfloat16, "16-m": torch.float16}.get(precision[:4], torch.float32)
 
 
-def main(out: Path) -> None:
+def main(out: Path, accelerator: str) -> None:
     results = {}
-    for name, arguments, precision in CASES:
-        results[name] = run_case(out, name, arguments, precision)
+    for name, arguments, precision in CASES if accelerator == "cpu" else CUDA_CASES:
+        results[name] = run_case(out, name, arguments, precision, accelerator)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "cpu")

@@ -80,6 +80,19 @@ def test_stage_3_init_module_partitions_the_model_as_it_is_built(results: dict[s
     assert results[name]["full_numel"] == 6 * 32 + 32 + 32 * 32 + 32 + 32 + 1
 
 
+@pytest.mark.cuda
+def test_fp16_and_bf16_on_gpus(tmp_path: Path) -> None:
+    """DeepSpeed's fp16 mode (dynamic loss scaling) on 1-2 GPUs over nccl: trains, round-trips, consolidates."""
+    process = run_python(Path(__file__).with_name("fabric_matrix.py"), str(tmp_path), "cuda", timeout=600)
+    assert process.returncode == 0, explain(process)
+    results = json.loads((tmp_path / "results.json").read_text())
+    for case in results.values():  # fp16 skips its first steps while the loss scale settles: only "lower"
+        assert case["eval_after"] < case["eval_before"], case
+        assert case["rank_weight_diff"] == 0.0
+        assert case["after_load"] == case["after_save"]
+        assert case["consolidated_matches"] is True
+
+
 def test_a_second_model_on_the_same_strategy_is_refused(results: dict[str, Any]) -> None:
     message = results["stage1-32"]["second_model_error"]
     assert "one model per run" in message and "one nn.Module" in message
