@@ -64,6 +64,11 @@ def test_a_user_config_is_merged_over_the_generated_one(tmp_path: Path) -> None:
         assert config["gradient_clipping"] == 2.0
 
 
+def test_a_users_global_batch_size_replaces_the_generated_micro_batch_size() -> None:
+    config = DeepSpeedStrategy(config={"train_batch_size": 64}).config
+    assert config["train_batch_size"] == 64 and "train_micro_batch_size_per_gpu" not in config
+
+
 def test_precision_sections_go_into_the_config() -> None:
     strategy = DeepSpeedStrategy()
     strategy.precision = DeepSpeedPrecision("bf16-mixed")

@@ -145,9 +145,11 @@ class DeepSpeedStrategy(ParallelStrategy):
         precision = self.precision
         sections = precision.config if isinstance(precision, DeepSpeedPrecision) else {}
         config = ds_config.merge_configs(ds_config.merge_configs(generated, sections), self._user_config)
-        config["train_batch_size"] = (
-            config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * self.world_size
-        )
+        if "train_batch_size" not in self._user_config:
+            micro, steps = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+            config["train_batch_size"] = micro * steps * self.world_size
+        elif "train_micro_batch_size_per_gpu" not in self._user_config:
+            del config["train_micro_batch_size_per_gpu"]  # DeepSpeed derives it from the user's global batch size
         return config
 
     @property
