@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from torchloom.core.checkpoint import TorchCheckpointIO
+from torchloom.core.errors import CheckpointError
 
 
 class NotATensor:
@@ -53,7 +53,7 @@ def test_crash_during_save_keeps_previous_checkpoint_and_leaves_no_temp_file(
 def test_load_is_weights_only_by_default(tmp_path: Path) -> None:
     io = TorchCheckpointIO()
     io.save_checkpoint({"obj": NotATensor()}, tmp_path / "ckpt.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"NotATensor.*Nothing in the file was executed.*weights_only=False"):
         io.load_checkpoint(tmp_path / "ckpt.pt")
     assert io.load_checkpoint(tmp_path / "ckpt.pt", weights_only=False)["obj"].value == 3
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ConfigurationError", "MissingDependencyError", "TorchloomError", "WorkerFailedError", "choices"]
+__all__ = [
+    "CheckpointError",
+    "ConfigurationError",
+    "MissingDependencyError",
+    "TorchloomError",
+    "WorkerFailedError",
+    "choices",
+]
 
 
 class TorchloomError(Exception):
@@ -15,6 +22,16 @@ class ConfigurationError(TorchloomError, ValueError):
     """An argument, or a combination of arguments, that torchloom cannot run with.
 
     The message always names the bad value and, where there is a closed set, the valid choices.
+    """
+
+
+class CheckpointError(ConfigurationError):
+    """A checkpoint that torchloom refuses to load: truncated or corrupt, not a checkpoint at all, a pickle that
+    would run code when opened, an incomplete checkpoint directory, or one written by a newer torchloom.
+
+    The message names the path, says what is wrong with it and what to do. Nothing in the file was executed.
+    A subclass of ``ConfigurationError`` (the path is an argument torchloom cannot run with), so code that
+    caught that for a bad checkpoint keeps working. A path that does not exist is ``FileNotFoundError``.
     """
 
 

@@ -18,10 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from torchloom.core.checkpoint.checks import VERSION_KEY, check_checkpoint, running_version, safe_load
 from torchloom.core.checkpoint.io import TorchCheckpointIO
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import CheckpointError
 from torchloom.core.utils.imports import require
 
 __all__ = [
@@ -58,21 +57,31 @@ def is_deepspeed_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 def write_extra(path: str | os.PathLike[str], entries: dict[str, Any], state: dict[str, Any]) -> None:
     """Writes ``EXTRA_FILE`` atomically: ``entries`` (key -> "module", "optimizer" or a list of them) and ``state``."""
-    extra = {"format": _FORMAT, "version": _VERSION, "tag": TAG, "entries": entries, "state": state}
+    extra = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        VERSION_KEY: running_version(),
+        "tag": TAG,
+        "entries": entries,
+        "state": state,
+    }
     TorchCheckpointIO().save_checkpoint(extra, Path(path) / EXTRA_FILE)
 
 
 def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``EXTRA_FILE`` of a DeepSpeed checkpoint directory: ``entries``, ``state``, ``tag``."""
     if not is_deepspeed_checkpoint(path):
-        raise ConfigurationError(
+        raise CheckpointError(
             f"{os.fspath(path)!r} is not a complete torchloom DeepSpeed checkpoint: expected a directory holding "
-            f"DeepSpeed's 'latest' and torchloom's {EXTRA_FILE!r} (written last; a save cut short lacks it)."
+            f"DeepSpeed's 'latest' and torchloom's {EXTRA_FILE!r} (written last; a save cut short lacks it). Load "
+            "the previous checkpoint, or save again."
         )
-    extra = torch.load(Path(path) / EXTRA_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(extra, dict) or extra.get("format") != _FORMAT or extra.get("version") != _VERSION:
-        raise ConfigurationError(
-            f"{os.fspath(Path(path) / EXTRA_FILE)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION})."
+    extra_file = Path(path) / EXTRA_FILE
+    extra = check_checkpoint(safe_load(extra_file, map_location="cpu", weights_only=True), extra_file)
+    if extra.get("format") != _FORMAT or extra.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{os.fspath(extra_file)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION}): the "
+            "DeepSpeed checkpoint's extra state is corrupt, or from another program."
         )
     return extra
 

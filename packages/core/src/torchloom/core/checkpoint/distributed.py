@@ -24,8 +24,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from torchloom.core.checkpoint.checks import (
+    VERSION_KEY,
+    check_checkpoint,
+    check_dcp_metadata,
+    refuse_directory,
+    running_version,
+    safe_load,
+)
 from torchloom.core.checkpoint.io import TorchCheckpointIO, _fsync_dir
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import CheckpointError, ConfigurationError
 
 __all__ = [
     "META_FILE",
@@ -75,15 +83,20 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The non-tensor part of a sharded checkpoint: ``kinds``, ``skeleton``, ``tensor_paths``."""
     if not is_sharded_checkpoint(path):
-        raise ConfigurationError(
+        if Path(path).is_dir() and ((Path(path) / META_FILE).exists() or (Path(path) / ".metadata").exists()):
+            refuse_directory(path)  # says which of the two files is missing
+        raise CheckpointError(
             f"{str(path)!r} is not a torchloom sharded checkpoint: expected a directory holding {META_FILE!r} and "
             "DCP's '.metadata'."
         )
-    meta = torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        raise ConfigurationError(
-            f"{str(Path(path) / META_FILE)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION})."
+    meta_file = Path(path) / META_FILE
+    meta = check_checkpoint(safe_load(meta_file, map_location="cpu", weights_only=True), meta_file)
+    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{str(meta_file)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION}): the sharded "
+            "checkpoint's metadata is corrupt, or from another program."
         )
+    check_dcp_metadata(path)  # DCP unpickles it without restriction: refuse anything DCP does not write there
     return meta
 
 
@@ -149,7 +162,14 @@ def save_sharded(
     tensors: dict[str, Tensor] = {}
     paths: list[Path_] = []
     skeleton = _split(state, [], tensors, paths)
-    meta = {"format": _FORMAT, "version": _VERSION, "kinds": kinds, "skeleton": skeleton, "tensor_paths": paths}
+    meta = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        VERSION_KEY: running_version(),
+        "kinds": kinds,
+        "skeleton": skeleton,
+        "tensor_paths": paths,
+    }
 
     def on_rank_zero(step: Any) -> None:
         failure: BaseException | None = None

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from torchloom.core.checkpoint.checks import check_checkpoint, refuse_directory, safe_load
+
 __all__ = ["CheckpointIO", "TorchCheckpointIO"]
 
 
@@ -40,7 +42,9 @@ class TorchCheckpointIO(CheckpointIO):
     """``torch.save`` to a temp file in the target folder, fsync, then rename over the target.
 
     A crash mid-save leaves the previous checkpoint intact. Loads use ``weights_only=True`` unless
-    the caller opts out, so a checkpoint cannot run code when it is opened.
+    the caller opts out, so a checkpoint cannot run code when it is opened. A file that cannot be loaded
+    (truncated, corrupt, not a dict, a pickle that would run code, written by a newer torchloom) or a
+    directory that is not a complete checkpoint raises ``CheckpointError`` (see ``checks.py``).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -62,9 +66,11 @@ class TorchCheckpointIO(CheckpointIO):
         self, path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool = True
     ) -> dict[str, Any]:
         target = Path(path)
+        if target.is_dir():
+            refuse_directory(target)
         if not target.is_file():
             raise FileNotFoundError(f"No checkpoint file at {str(target)!r}.")
-        return torch.load(target, map_location=map_location, weights_only=weights_only)  # type: ignore[no-any-return]
+        return check_checkpoint(safe_load(target, map_location=map_location, weights_only=weights_only), target)
 
 
 def _fsync_dir(folder: Path) -> None:

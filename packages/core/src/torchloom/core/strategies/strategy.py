@@ -321,7 +321,10 @@ class Strategy(ABC):
         Plain values in ``state`` are replaced by the checkpoint's. With ``strict=True`` a key of
         ``state`` missing from the checkpoint, or a module with missing/unexpected keys, raises.
         A sharded checkpoint directory (written by FSDP, model parallel, DeepSpeed) loads too, as full tensors.
+        A checkpoint that cannot be loaded (truncated, corrupt, not a dict, a pickle that would run code, an
+        incomplete directory, written by a newer torchloom) raises ``CheckpointError``; nothing in it runs.
         """
+        from torchloom.core.checkpoint.checks import check_checkpoint, refuse_directory
         from torchloom.core.checkpoint.deepspeed import is_deepspeed_checkpoint, load_consolidated
         from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
 
@@ -329,8 +332,11 @@ class Strategy(ABC):
             checkpoint = load_sharded(path, distributed=False)
         elif is_deepspeed_checkpoint(path):  # DeepSpeed's partitions, gathered to full float32 weights
             checkpoint = load_consolidated(path)
+        elif os.path.isdir(path):
+            refuse_directory(path)
         else:
             checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        checkpoint = check_checkpoint(checkpoint, path)  # also what a custom CheckpointIO returns
         if state is None:
             return checkpoint
         missing = [key for key in state if key not in checkpoint]
