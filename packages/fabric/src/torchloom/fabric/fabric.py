@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from torchloom.core.accelerators.accelerator import Accelerator, DeviceSpec
+from torchloom.core.checkpoint.checks import VERSION_KEY, running_version
 from torchloom.core.connector import PluginArg
 from torchloom.core.distributed import parse_reduce_op
 from torchloom.core.errors import ConfigurationError
@@ -472,12 +473,20 @@ class Fabric:
         into the directory ``path``, or rank 0 one file with ``state_dict_type="full"``) and every rank
         waits until it is on disk. :meth:`load` reads either form, on any number of processes.
         ``filter`` maps a name of ``state`` to ``keep(key, value)``, applied to that entry's state dict.
-        Add ``"precision": fabric.precision`` to keep a grad scaler's state.
+        Add ``"precision": fabric.precision`` to keep a grad scaler's state. The checkpoint also records the
+        torchloom version that wrote it under the reserved name ``"torchloom_version"`` (:meth:`load` refuses a
+        checkpoint of a newer torchloom, and leaves the name out of what it returns).
         """
         self._require_launched("save")
         state = check_state(state, "save")
+        if VERSION_KEY in state:
+            raise ConfigurationError(
+                f"save(state=...) holds the name {VERSION_KEY!r}, which torchloom reserves for the version that "
+                "wrote the checkpoint. Valid: any other name."
+            )
+        checkpoint = {**unwrap_state(state), VERSION_KEY: running_version()}
         with checks.stepping_through_fabric():  # DCP may step an optimizer without state to create it
-            self._strategy.save_checkpoint(path, unwrap_state(state), filter=check_filter(filter, state))
+            self._strategy.save_checkpoint(path, checkpoint, filter=check_filter(filter, state))
 
     def load(
         self, path: Any, state: dict[str, Any] | None = None, strict: bool = True, *, weights_only: bool = True
@@ -486,16 +495,22 @@ class Fabric:
 
         Plain values in ``state`` are replaced by the checkpoint's. Without ``state``, returns the whole
         checkpoint. ``strict=True``: a name missing from the checkpoint, or a module's missing or
-        unexpected keys, raise (listing them). ``weights_only=False`` allows arbitrary pickled objects.
+        unexpected keys, raise (listing them). ``weights_only=False`` allows arbitrary pickled objects: only
+        for a file you trust. A checkpoint that cannot be loaded (truncated or corrupt, not a checkpoint, a
+        pickle that would run code, an incomplete checkpoint directory, or written by a newer torchloom) raises
+        ``CheckpointError`` before anything is restored. The recorded ``"torchloom_version"`` is not returned.
         """
         self._require_launched("load")
         if state is None:
-            return self._strategy.load_checkpoint(path, None, strict=strict, weights_only=weights_only)
+            checkpoint = self._strategy.load_checkpoint(path, None, strict=strict, weights_only=weights_only)
+            checkpoint.pop(VERSION_KEY, None)
+            return checkpoint
         state = check_state(state, "load")
         unwrapped = unwrap_state(state)
         with checks.stepping_through_fabric():  # DCP may step an optimizer without state to create it
             remainder = self._strategy.load_checkpoint(path, unwrapped, strict=strict, weights_only=weights_only)
         update_plain_values(state, unwrapped)
+        remainder.pop(VERSION_KEY, None)
         return remainder
 
     def load_raw(self, path: Any, obj: Any, strict: bool = True, *, weights_only: bool = True) -> None:
