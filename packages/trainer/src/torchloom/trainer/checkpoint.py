@@ -8,6 +8,10 @@ A checkpoint is a dict of plain data (loadable with ``torch.load(weights_only=Tr
 ``loops["fit"]`` is the fit loop's position (``FitProgress``) and ``rng`` the random state at save
 time: together they let ``fit(ckpt_path=...)`` continue exactly where the saved run was, mid-epoch
 included. Anything that would need pickling is refused when saving, naming the part it is in.
+
+Loading refuses, with ``CheckpointError`` and before anything is restored, a file that is truncated or
+corrupt, not a Trainer checkpoint, a pickle that would run code, an incomplete checkpoint directory, or
+one whose ``torchloom_version`` is a newer MAJOR.MINOR than the torchloom running (an older one loads).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import torch
 
 from torchloom.core.checkpoint import deepspeed as deepspeed_io
 from torchloom.core.checkpoint import distributed as sharded_io
+from torchloom.core.checkpoint.checks import check_checkpoint
 from torchloom.core.checkpoint.io import TorchCheckpointIO
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import CheckpointError, ConfigurationError
 from torchloom.core.utils.rank_zero import rank_zero_warn
 from torchloom.trainer.hparams import check_hparams_serializable, plain_hparams
 from torchloom.trainer.rng import capture_rng
@@ -174,10 +179,24 @@ def read_checkpoint(trainer: Trainer, path: str) -> dict[str, Any] | None:
         checkpoint = sharded_io.load_sharded(path)
     else:
         checkpoint = deepspeed_io.load_consolidated(path)
+    checkpoint = _check_trainer_checkpoint(checkpoint, path)
     states = checkpoint.get("optimizer_states")
     if isinstance(states, list):  # sharded saves key them by parameter name; every strategy loads positions
         checkpoint["optimizer_states"] = [_indexed(state) for state in states]
     return checkpoint
+
+
+def _check_trainer_checkpoint(checkpoint: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``checkpoint`` if it is a Trainer checkpoint this torchloom can read (a dict with ``state_dict``, not written
+    by a newer torchloom); else ``CheckpointError``."""
+    checked = check_checkpoint(checkpoint, path)
+    if "state_dict" not in checked:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is not a Trainer checkpoint (it has no 'state_dict'; keys: "
+            f"{sorted(map(str, checked))}). Valid: a checkpoint written by Trainer.save_checkpoint or ModelCheckpoint; "
+            "a state dict saved by hand loads with module.load_state_dict(torch.load(path, weights_only=True))."
+        )
+    return checked
 
 
 def _is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
@@ -291,10 +310,7 @@ def load_module_from_checkpoint(
         checkpoint = TorchCheckpointIO().load_checkpoint(
             path, map_location=map_location if map_location is not None else "cpu", weights_only=True
         )
-    if "state_dict" not in checkpoint:
-        raise ConfigurationError(
-            f"{os.fspath(path)!r} is not a Trainer checkpoint (it has no 'state_dict'; keys: {sorted(checkpoint)})."
-        )
+    checkpoint = _check_trainer_checkpoint(checkpoint, path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     parameters = inspect.signature(cls.__init__).parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
