@@ -37,7 +37,7 @@ __all__ = [
 
 VERSION_KEY = "torchloom_version"
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:[.+\-].*)?$")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_GLOBAL = re.compile(r"GLOBAL ((?:\w+\.)+\w+)")  # module.name: a pickle asking to import something
 
 
 def running_version() -> str:
@@ -69,7 +69,7 @@ def _explain(path: Path, error: Exception, text: str, weights_only: bool) -> str
             "the file comes from, load it on purpose with weights_only=False (e.g. fabric.load(path, "
             "weights_only=False), or torch.load(path, weights_only=False))."
         )
-    reason = _first_line(text)
+    reason = _first_line(text) if text.strip() or not isinstance(error, EOFError) else "the file ends early"
     if weights_only and "Weights only load failed" in text:
         reason = _weights_only_reason(text)
     return (
