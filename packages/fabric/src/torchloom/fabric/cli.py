@@ -222,12 +222,19 @@ def _check_layout(args: argparse.Namespace) -> None:
     if not 0 <= args.node_rank < args.num_nodes:
         raise ConfigurationError(
             f"--node-rank {args.node_rank} is not valid with --num-nodes {args.num_nodes}. "
-            f"Valid: {choices(range(args.num_nodes))}."
+            f"Valid: {_node_ranks(args.num_nodes)}."
         )
     if args.main_port is not None and not 1 <= args.main_port <= 65535:
         raise ConfigurationError(f"--main-port {args.main_port} is not valid. Valid: a TCP port from 1 to 65535.")
     if not os.path.isfile(args.script):
         raise ConfigurationError(f"SCRIPT {args.script!r} is not a file. Valid: the path of a Python script.")
+
+
+def _node_ranks(num_nodes: int) -> str:
+    """The valid ``--node-rank`` values, listed when few (a billion nodes must not build a billion-item message)."""
+    if num_nodes <= 8:
+        return choices(range(num_nodes))
+    return f"an int from 0 to {num_nodes - 1}"
 
 
 def _check_accelerator(accelerator: str | None) -> str:

@@ -4,7 +4,8 @@ On the CPU, ``devices`` counts *processes*: every process uses ``torch.device("c
 operating system spreads them over the cores. Accepted specs:
 
 - ``"auto"``, ``-1`` or ``"-1"``: one process (the CPU is one device; ``-1`` means "all" = that one);
-- a count ``n >= 1`` such as ``2`` or ``"2"``: ``n`` processes.
+- a count ``n >= 1`` such as ``2`` or ``"2"``: ``n`` processes, at most ``MAX_PROCESSES`` (a larger count is a
+  typo, and building that many devices would exhaust memory before anything could fail).
 
 Index lists (``[0, 1]``, ``"0,1"``) are rejected: CPU processes have no device index to pick.
 """
@@ -22,9 +23,10 @@ from typing_extensions import override
 from torchloom.core.accelerators.accelerator import Accelerator, DeviceSpec, invalid_devices, normalize_device_spec
 from torchloom.core.errors import ConfigurationError
 
-__all__ = ["CPUAccelerator"]
+__all__ = ["MAX_PROCESSES", "CPUAccelerator"]
 
-_ACCEPTED = "'auto' or -1 (one process), or a process count n >= 1 such as 2 or '2'"
+MAX_PROCESSES = 4096  # processes per node; far beyond what a CPU node runs usefully
+_ACCEPTED = f"'auto' or -1 (one process), or a process count n from 1 to {MAX_PROCESSES} such as 2 or '2'"
 
 
 class CPUAccelerator(Accelerator):
@@ -58,7 +60,7 @@ class CPUAccelerator(Accelerator):
             )
         if spec == "auto" or spec == -1:
             count = cls.auto_device_count()
-        elif spec >= 1:
+        elif 1 <= spec <= MAX_PROCESSES:
             count = spec
         else:
             raise invalid_devices(devices, cls.name, _ACCEPTED)
