@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 from collections.abc import Generator
 from typing import Any
 
@@ -25,7 +26,7 @@ from typing_extensions import override
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.parallel import (
     DEFAULT_TIMEOUT,
@@ -36,6 +37,8 @@ from torchloom.core.strategies.parallel import (
 )
 
 __all__ = ["START_METHODS", "DDPStrategy"]
+
+_SET_BY_STRATEGY = ("module", "device_ids")  # DistributedDataParallel arguments setup_module passes itself
 
 
 class DDPStrategy(ParallelStrategy):
@@ -67,6 +70,15 @@ class DDPStrategy(ParallelStrategy):
             timeout=timeout,
         )
         self._start_method = check_start_method(start_method)
+        parameters = inspect.signature(DistributedDataParallel).parameters
+        accepted = [name for name in parameters if name not in _SET_BY_STRATEGY]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unknown = [] if takes_any else sorted(set(ddp_kwargs) - set(accepted))
+        if unknown:  # caught here, not when the wrapper is built inside every worker
+            raise ConfigurationError(
+                f"DDPStrategy got unknown arguments {unknown}. Valid extra DistributedDataParallel arguments: "
+                f"{choices(accepted)}."
+            )
         self._ddp_kwargs = ddp_kwargs
 
     @property

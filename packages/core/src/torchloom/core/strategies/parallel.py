@@ -15,6 +15,7 @@ from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.launchers.launcher import Launcher
 from torchloom.core.precision.precision import Precision
+from torchloom.core.strategies.checks import check_parallel_arguments, check_wiring
 from torchloom.core.strategies.strategy import ReduceOp, Strategy
 from torchloom.core.utils import rank_zero
 
@@ -48,10 +49,12 @@ class ParallelStrategy(Strategy):
         process_group_backend: str | None = None,
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
+        check_wiring(accelerator, precision, checkpoint_io)
+        check_parallel_arguments(parallel_devices, cluster_environment, process_group_backend)
         super().__init__(accelerator=accelerator, precision=precision, checkpoint_io=checkpoint_io)
         if not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0:
             raise ConfigurationError(f"timeout={timeout!r} is not valid: pass a positive datetime.timedelta.")
-        self._parallel_devices = parallel_devices
+        self._parallel_devices = None if parallel_devices is None else list(parallel_devices)
         self._cluster_environment = cluster_environment
         self._process_group_backend = process_group_backend
         self._timeout = timeout
