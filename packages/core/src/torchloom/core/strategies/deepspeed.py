@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from torchloom.core.errors import ConfigurationError
 from torchloom.core.precision.deepspeed import DeepSpeedPrecision
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies import deepspeed_config as ds_config
+from torchloom.core.strategies.checks import check_flag, check_wiring
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy, check_start_method, launcher_for
 from torchloom.core.strategies.strategy import StateFilter
 from torchloom.core.utils.imports import require
@@ -87,6 +89,7 @@ class DeepSpeedStrategy(ParallelStrategy):
         start_method: str = "popen",
     ) -> None:
         require("deepspeed", "DeepSpeedStrategy")  # before any process starts; names the extra to install
+        check_wiring(accelerator, precision, checkpoint_io)  # before the precision is converted below
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -97,6 +100,10 @@ class DeepSpeedStrategy(ParallelStrategy):
             timeout=timeout,
         )
         self._stage = ds_config.check_stage(stage)
+        check_flag("offload_optimizer", offload_optimizer)
+        check_flag("offload_parameters", offload_parameters)
+        if zero_init is not None:
+            check_flag("zero_init", zero_init)
         if offload_parameters and self._stage != 3:
             raise ConfigurationError(
                 f"offload_parameters=True needs ZeRO stage 3 (parameters are partitioned only there), got stage="
@@ -108,15 +115,20 @@ class DeepSpeedStrategy(ParallelStrategy):
         self._offload_parameters = bool(offload_parameters)
         self._user_config = ds_config.read_user_config(config)  # a bad path or bad JSON fails here, early
         self._zero_init = self._stage == 3 if zero_init is None else bool(zero_init)
-        self._micro_batch_size = _positive_int("micro_batch_size", micro_batch_size or 1)
+        self._micro_batch_size = 1 if micro_batch_size is None else _positive_int("micro_batch_size", micro_batch_size)
         self._accumulation_steps = _positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
         if (
             isinstance(gradient_clipping, bool)
             or not isinstance(gradient_clipping, (int, float))
-            or gradient_clipping < 0
+            or not 0 <= gradient_clipping < math.inf  # NaN fails both comparisons
         ):
-            raise ConfigurationError(f"gradient_clipping={gradient_clipping!r} is not valid: use a number >= 0.")
+            raise ConfigurationError(
+                f"gradient_clipping={gradient_clipping!r} is not valid. Valid: a finite number >= 0 (0: no clipping)."
+            )
         self._gradient_clipping = float(gradient_clipping)
+        if isinstance(logging_level, bool) or not isinstance(logging_level, int) or logging_level < 0:
+            levels = "logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR (or another int >= 0)"
+            raise ConfigurationError(f"logging_level={logging_level!r} is not valid. Valid: {levels}.")
         self._logging_level = logging_level
         self._start_method = check_start_method(start_method)
         self._engine: DeepSpeedEngine | None = None
@@ -524,5 +536,5 @@ class DeepSpeedStrategy(ParallelStrategy):
 
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name}={value!r} is not valid: use an int >= 1.")
+        raise ConfigurationError(f"{name}={value!r} is not valid. Valid: an int >= 1.")
     return value

@@ -111,7 +111,7 @@ def merge_configs(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[
 
 
 def check_stage(stage: object) -> int:
-    if isinstance(stage, bool) or stage not in STAGES:
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:  # 2.0 == 2, but not a stage
         raise ConfigurationError(f"stage={stage!r} is not valid. Valid: {choices(STAGES)} (ZeRO stages).")
     assert isinstance(stage, int)
     return stage
