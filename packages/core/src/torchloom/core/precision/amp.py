@@ -45,8 +45,13 @@ class MixedPrecision(Precision):
         device_type: str = "cpu",
         scaler: GradScaler | None = None,
     ) -> None:
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list or dict is not hashable
             raise ConfigurationError(f"MixedPrecision(dtype={dtype!r}) is not supported. Valid: {choices(_DTYPES)}.")
+        if scaler is not None and not isinstance(scaler, GradScaler):
+            raise ConfigurationError(
+                f"MixedPrecision(scaler={scaler!r}) is not valid. Valid: None (a default one for '16-mixed'), or a "
+                "torch.amp.GradScaler."
+            )
         if dtype == "bf16-mixed" and scaler is not None:
             raise ConfigurationError(
                 "MixedPrecision(dtype='bf16-mixed') takes no scaler: bfloat16 has float32's range, so there is "

@@ -22,7 +22,7 @@ class HalfPrecision(TrueDtypePrecision):
     """Everything in ``float16`` (``dtype="16-true"``) or ``bfloat16`` (``dtype="bf16-true"``)."""
 
     def __init__(self, dtype: Literal["16-true", "bf16-true"]) -> None:
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list or dict is not hashable
             raise ConfigurationError(f"HalfPrecision(dtype={dtype!r}) is not supported. Valid: {choices(_DTYPES)}.")
         super().__init__(_DTYPES[dtype])
         self.name = dtype
