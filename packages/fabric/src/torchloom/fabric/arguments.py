@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -51,7 +51,15 @@ def check_filter(filter: Any, state: dict[str, Any]) -> dict[str, Callable[[str,
 
 
 def check_loggers(loggers: Any) -> list[Logger]:
-    items = as_list(loggers) if loggers is None or isinstance(loggers, (Logger, list, tuple)) else list(loggers)
+    if loggers is None or isinstance(loggers, (Logger, list, tuple)):
+        items = as_list(loggers)
+    elif isinstance(loggers, Iterable) and not isinstance(loggers, (str, bytes, Mapping)):
+        items = list(loggers)
+    else:
+        raise ConfigurationError(
+            f"loggers={loggers!r} is not valid. Valid: None, a torchloom Logger (CSVLogger, TensorBoardLogger or "
+            "another subclass of torchloom.core.loggers.Logger), or a list of them."
+        )
     for logger in items:
         if not isinstance(logger, Logger):
             raise ConfigurationError(

@@ -176,7 +176,7 @@ def parse_config(
         deterministic="warn" if deterministic == "warn" else None if deterministic is None else bool(deterministic),
         benchmark=benchmark,
         fast_dev_run=dev_runs,
-        default_root_dir=os.fspath(default_root_dir) if default_root_dir is not None else os.getcwd(),
+        default_root_dir=_root_dir(default_root_dir),
         reload_dataloaders_every_n_epochs=reload_every,
         limit_train_batches=limits["limit_train_batches"],
         limit_val_batches=limits["limit_val_batches"],
@@ -205,17 +205,28 @@ def parse_max_time(value: str | datetime.timedelta | Mapping[str, int] | None) -
         if match is None:
             raise ConfigurationError(f"max_time={value!r} is not valid. Valid: {valid}.")
         days, hours, minutes, seconds = (int(part) for part in match.groups())
-        duration = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        duration = _timedelta(value, valid, days=days, hours=hours, minutes=minutes, seconds=seconds)
     elif isinstance(value, Mapping):
         unknown = [key for key in value if key not in _TIME_UNITS]
         if unknown or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
             raise ConfigurationError(f"max_time={dict(value)!r} is not valid. Valid: {valid}.")
-        duration = datetime.timedelta(**{str(k): float(v) for k, v in value.items()})
+        duration = _timedelta(dict(value), valid, **{str(k): float(v) for k, v in value.items()})
     else:
         raise ConfigurationError(f"max_time={value!r} is not valid. Valid: {valid}.")
     if duration.total_seconds() <= 0:
         raise ConfigurationError(f"max_time={value!r} is not a positive duration. Valid: {valid}.")
     return duration
+
+
+def _timedelta(value: object, valid: str, **parts: float) -> datetime.timedelta:
+    """``timedelta(**parts)``; NaN, infinities and durations past ``timedelta.max`` are refused, naming ``value``."""
+    try:
+        return datetime.timedelta(**parts)
+    except (OverflowError, ValueError):  # ValueError: NaN; OverflowError: inf or more than 999999999 days
+        raise ConfigurationError(
+            f"max_time={value!r} is not valid: not a finite duration of at most {datetime.timedelta.max.days} days. "
+            f"Valid: {valid}."
+        ) from None
 
 
 def parse_loggers(logger: Logger | Sequence[Logger] | bool | None, config: TrainerConfig) -> list[Logger]:
@@ -307,7 +318,7 @@ def _fast_dev_run(value: object) -> int:
 def _clip_val(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN: not >= 0
         raise ConfigurationError(f"gradient_clip_val={value!r} is not valid. Valid: None, or a number >= 0.")
     return float(value) if value > 0 else None  # 0 means no clipping
 
@@ -318,6 +329,19 @@ def _clip_algorithm(value: object) -> str:
     if not isinstance(value, str) or value.lower() not in CLIP_ALGORITHMS:
         raise ConfigurationError(f"gradient_clip_algorithm={value!r} is not valid. Valid: {choices(CLIP_ALGORITHMS)}.")
     return value.lower()
+
+
+def _root_dir(value: object) -> str:
+    """``default_root_dir`` as a string: the current directory for ``None``, else a path (str or os.PathLike)."""
+    if value is None:
+        return os.getcwd()
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigurationError(
+            f"default_root_dir={value!r} is not valid. Valid: None (the current directory), or a non-empty path "
+            "(a str or os.PathLike such as pathlib.Path)."
+        )
+    return path
 
 
 def _check_barebones(enables: dict[str, Any], log_every_n_steps: object, detect_anomaly: bool) -> None:
