@@ -86,8 +86,8 @@ def init_process_group(
     """Creates the default process group unless one exists; returns whether this call created it.
 
     ``timeout`` is mandatory: without it a stalled rank hangs its peers for torch's 30-minute default.
-    The rendezvous is ``tcp://main_address:main_port`` when both are given, else ``env://``
-    (``MASTER_ADDR`` / ``MASTER_PORT``).
+    The rendezvous store is at ``main_address:main_port`` when both are given (listening on loopback only
+    when that address is a loopback one, see ``rendezvous``), else ``env://`` (``MASTER_ADDR`` / ``MASTER_PORT``).
 
     Each group this process creates gets its own key prefix in the rendezvous store: the store can
     outlive a group (torch elastic's agent hosts it; torch reuses a multi-tenant store on the same
@@ -100,11 +100,6 @@ def init_process_group(
         raise RuntimeError("This build of torch has no torch.distributed; multi-process strategies cannot run.")
     if dist.is_initialized():
         return False
-    if main_address is not None and main_port is not None:
-        host = f"[{main_address}]" if ":" in main_address else main_address  # IPv6 literal
-        init_method = f"tcp://{host}:{main_port}"
-    else:
-        init_method = "env://"
     if backend.lower() == "mpi":  # MPI's runtime does the rendezvous and assigns the ranks
         dist.init_process_group(backend, timeout=timeout)
         _created_groups[:] = [dist.group.WORLD]
@@ -112,7 +107,12 @@ def init_process_group(
     from torch.distributed.distributed_c10d import PrefixStore  # only in builds with torch.distributed
     from torch.distributed.rendezvous import rendezvous
 
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    from torchloom.core.rendezvous import tcp_store
+
+    if main_address is not None and main_port is not None:  # loopback-only when the address is loopback
+        store = tcp_store(main_address, main_port, rank, world_size, timeout)
+    else:
+        store, rank, world_size = next(rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     prefixed = PrefixStore(f"torchloom/{_generation}/default_pg", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
