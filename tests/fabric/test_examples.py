@@ -61,7 +61,7 @@ def test_train_digits_with_its_default_settings(tmp_path: Path) -> None:
     checkpoint = Path(found(r"^checkpoint: (.+)$", output))
     assert checkpoint == (tmp_path / "runs" / "digits" / "digits.pt").resolve()
     state = torch.load(checkpoint, weights_only=True)
-    assert set(state) == {"model", "optimizer", "epoch", "precision"} and state["epoch"] == 10
+    assert set(state) == {"model", "optimizer", "epoch", "precision", "torchloom_version"} and state["epoch"] == 10
     assert "features.0.weight" in state["model"], "no wrapper prefix in the saved names"
 
     log_dir, csv_file = found(r"^logs: (.+) \(TensorBoard\)", output), found(r", (.+) \(CSV\)$", output)
