@@ -19,7 +19,7 @@ TEST_TOOLS = ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "rich"]
 # Linters are pinned: a new release with new rules must not fail CI on unchanged code.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
-PRODUCTS = ["core", "fabric", "trainer", "integration"]
+PRODUCTS = ["core", "fabric", "trainer", "integration", "faults"]  # faults: the fault-injection suite (issue 8)
 # The cpu leg is what CI runs; the cuda and tpu legs select tests by marker and skip them, saying
 # why, on a machine without the device.
 LEGS = [

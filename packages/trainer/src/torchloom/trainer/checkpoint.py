@@ -159,8 +159,15 @@ def _find_last(trainer: Trainer) -> str | None:
         dirpath = getattr(callback, "dirpath", None)
         if dirpath:
             candidates += glob.glob(os.path.join(glob.escape(os.fspath(dirpath)), "last*.ckpt"))
-    existing = [path for path in candidates if os.path.exists(path)]  # sharded checkpoints are folders
-    return max(existing, key=os.path.getmtime) if existing else None
+    complete = [path for path in candidates if _is_complete(path)]
+    return max(complete, key=os.path.getmtime) if complete else None
+
+
+def _is_complete(path: str) -> bool:
+    """A checkpoint file (written atomically), or a checkpoint directory whose save finished (its last file is there).
+
+    A save cut short leaves a directory without the file written last; ``ckpt_path="last"`` never picks it."""
+    return os.path.isfile(path) or _is_checkpoint_directory(path)
 
 
 def read_checkpoint(trainer: Trainer, path: str) -> dict[str, Any] | None:

@@ -52,7 +52,9 @@ __all__ = [
     "owner_of",
     "parameter_names",
     "read_meta",
+    "remove_path",
     "save_sharded",
+    "swap_into_place",
 ]
 
 META_FILE = "torchloom_meta.pt"
@@ -178,12 +180,12 @@ def save_sharded(
                 step()
             except Exception as error:  # tell the other ranks first, so that none waits for rank 0 forever
                 failure = error
-                _remove(staging)
+                remove_path(staging)
         if not coordinator.reduce_boolean_decision(failure is None):
             raise failure or RuntimeError(f"Saving the checkpoint {str(target)!r} failed on rank 0; see its error.")
 
     def prepare() -> None:
-        _remove(staging)
+        remove_path(staging)
         staging.mkdir(parents=True)
         TorchCheckpointIO().save_checkpoint(meta, staging / META_FILE)
 
@@ -194,10 +196,10 @@ def save_sharded(
             save(tensors, checkpoint_id=staging, no_dist=not dist.is_initialized())
     except Exception:
         if coordinator.is_global_zero:
-            _remove(staging)
+            remove_path(staging)
         raise
     coordinator.barrier("save_sharded")
-    on_rank_zero(lambda: _swap(staging, target))
+    on_rank_zero(lambda: swap_into_place(staging, target))
 
 
 def load_sharded(
@@ -244,17 +246,18 @@ def load_sharded(
     return checkpoint
 
 
-def _swap(staging: Path, target: Path) -> None:
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Moves the finished ``staging`` directory over ``target`` (the old one is removed once replaced)."""
     replaced = target.parent / f".{target.name}.replaced"
-    _remove(replaced)
+    remove_path(replaced)
     if target.exists():
         os.replace(target, replaced)
     os.replace(staging, target)
-    _remove(replaced)
+    remove_path(replaced)
     _fsync_dir(target.parent)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 from collections.abc import Generator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +37,7 @@ from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint import deepspeed as ds_io
+from torchloom.core.checkpoint.distributed import remove_path, swap_into_place
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import ConfigurationError
@@ -460,12 +462,23 @@ class DeepSpeedStrategy(ParallelStrategy):
                 "include the set-up model, e.g. {'model': model, 'optimizer': optimizer, ...}."
             )
         plain = self.convert_state(rest, filter)
-        os.makedirs(path, exist_ok=True)
-        self.engine().save_checkpoint(os.fspath(path), tag=ds_io.TAG, client_state={})
-        self.barrier("deepspeed_save")
+        # staged next to `path` and moved over it once complete: a save cut short leaves the previous one whole
+        target = Path(path)
+        staging = target.parent / f".{target.name}.partial"
         if self.is_global_zero:
-            ds_io.write_extra(path, entries, plain)  # last: a directory without it is an incomplete save
-        self.barrier("deepspeed_save_extra")
+            remove_path(staging)  # a leftover of an earlier save that was cut short
+        self.barrier("deepspeed_save_prepare")
+        self.engine().save_checkpoint(os.fspath(staging), tag=ds_io.TAG, client_state={})
+        self.barrier("deepspeed_save")
+        failure: BaseException | None = None
+        if self.is_global_zero:
+            try:
+                ds_io.write_extra(staging, entries, plain)  # last: a directory without it is an incomplete save
+                swap_into_place(staging, target)
+            except Exception as error:  # every rank learns of it below; none waits for rank 0 forever
+                failure = error
+        if not self.reduce_boolean_decision(failure is None):
+            raise failure or RuntimeError(f"Saving the checkpoint {str(target)!r} failed on rank 0; see its error.")
 
     def _engine_kind(self, value: Any) -> Any:
         """ "module" / "optimizer" (or a list of them) for what the engine holds; ``None`` for anything else."""
