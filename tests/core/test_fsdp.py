@@ -17,7 +17,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torchloom.core.accelerators.cpu import CPUAccelerator
 from torchloom.core.connector import Connector
 from torchloom.core.environments.local import LocalEnvironment
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import CheckpointError, ConfigurationError
 from torchloom.core.launchers.multiprocessing import MultiprocessingLauncher
 from torchloom.core.launchers.subprocess_script import SubprocessScriptLauncher
 from torchloom.core.precision.amp import MixedPrecision
@@ -327,7 +327,7 @@ def test_one_rank_checkpoints(one_rank: FSDPStrategy, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="needs its module next to it"):
         one_rank.save_checkpoint(tmp_path / "other", {"optimizer": optimizers[0]})
     (tmp_path / "not_a_checkpoint").mkdir()
-    with pytest.raises(ConfigurationError, match="not a torchloom sharded checkpoint"):
+    with pytest.raises(CheckpointError, match="is a directory but not a torchloom checkpoint"):
         one_rank.load_checkpoint(tmp_path / "not_a_checkpoint", {})
 
     one_rank.save_checkpoint(tmp_path / "ckpt", {"model": model, "optimizers": optimizers})

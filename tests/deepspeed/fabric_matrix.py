@@ -27,6 +27,7 @@ from torch import nn
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from torchloom.core.checkpoint import deepspeed as ds_io
 from torchloom.core.checkpoint.consolidate import consolidate
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.strategies.deepspeed import DeepSpeedStrategy
@@ -150,6 +151,8 @@ def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str, ac
     result["loaded_step"] = state["step"]
     result["remainder"] = sorted(remainder)
     result["after_load"] = train_steps(fabric, model, optimizer, more)
+    if name == "stage2-32":
+        result["failed_save"] = save_that_fails(fabric, folder, state)
     if rank == 0:
         single = out / f"{name}.pt"
         consolidate(folder, single)
@@ -161,6 +164,27 @@ def run_case(out: Path, name: str, arguments: dict[str, Any], precision: str, ac
         )
     fabric.barrier()  # the process group stays for the next case; this case's engine is dropped with it
     return result
+
+
+def save_that_fails(fabric: Fabric, folder: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 fails while finishing a save over ``folder``: every rank must raise, the old checkpoint must stay."""
+    original = ds_io.write_extra
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full (injected)")
+
+    ds_io.write_extra = disk_full
+    try:
+        fabric.save(folder, {**state, "step": 999})
+        raised = ""
+    except Exception as error:
+        raised = type(error).__name__
+    finally:
+        ds_io.write_extra = original
+    kept: dict[str, Any] = {"model": state["model"], "optimizer": state["optimizer"], "step": -1}
+    fabric.load(folder, kept)
+    leftovers = sorted(p.name for p in folder.parent.glob(f".{folder.name}.*"))
+    return {"raised": raised, "kept_step": kept["step"], "leftovers": leftovers}
 
 
 def on(fabric: Fabric, data: list[Any]) -> list[Any]:

@@ -67,6 +67,17 @@ def test_a_checkpoint_round_trip_resumes_with_identical_losses(results: dict[str
     assert case["remainder"] == []
 
 
+def test_a_save_that_fails_on_rank_0_raises_everywhere_and_keeps_the_previous_checkpoint(
+    results: dict[str, Any],
+) -> None:
+    """The new save is staged next to the old one: rank 0 failing to finish it (injected "disk full") makes every
+    rank raise instead of waiting, and the directory still holds the previous save, which loads."""
+    failed = results["stage2-32"]["failed_save"]
+    assert failed["raised"] in ("OSError", "RuntimeError")  # rank 0 re-raises its own; the others say it failed
+    assert failed["kept_step"] == 6
+    assert failed["leftovers"] == []  # no staging folder left behind
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_consolidated_file_equals_the_live_weights(results: dict[str, Any], name: str) -> None:
     case = results[name]

@@ -477,6 +477,7 @@ class DeepSpeedStrategy(ParallelStrategy):
                 swap_into_place(staging, target)
             except Exception as error:  # every rank learns of it below; none waits for rank 0 forever
                 failure = error
+                remove_path(staging)
         if not self.reduce_boolean_decision(failure is None):
             raise failure or RuntimeError(f"Saving the checkpoint {str(target)!r} failed on rank 0; see its error.")
 

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint import distributed as sharded_io
+from torchloom.core.checkpoint.checks import refuse_directory
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import ConfigurationError, choices
@@ -327,10 +328,7 @@ class ShardedStrategy(ParallelStrategy):
             self._check_entries(path, state, meta["kinds"], strict)
             checkpoint = sharded_io.load_sharded(path, self._live_state(meta, state, strict), meta=meta)
         elif Path(path).is_dir():
-            raise ConfigurationError(
-                f"{str(path)!r} is a directory but not a torchloom sharded checkpoint (no "
-                f"{sharded_io.META_FILE!r} next to DCP's '.metadata'). Valid: a checkpoint directory or file."
-            )
+            refuse_directory(path)  # says what an incomplete checkpoint lacks
         else:
             checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
             self._check_entries(path, state, checkpoint.keys(), strict)
