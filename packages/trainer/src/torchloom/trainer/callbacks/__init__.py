@@ -5,6 +5,7 @@ from torchloom.trainer.callbacks.checkpoint import ModelCheckpoint
 from torchloom.trainer.callbacks.early_stopping import EarlyStopping
 from torchloom.trainer.callbacks.lambda_callback import LambdaCallback
 from torchloom.trainer.callbacks.lr_monitor import LearningRateMonitor
+from torchloom.trainer.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from torchloom.trainer.callbacks.progress import ProgressBar, RichProgressBar, TQDMProgressBar
 from torchloom.trainer.callbacks.summary import ModelSummary
 from torchloom.trainer.callbacks.timer import Timer
@@ -16,6 +17,8 @@ __all__ = [
     "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelSummary",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "ProgressBar",
     "RichProgressBar",
     "TQDMProgressBar",
