@@ -53,7 +53,8 @@ def _install_packages(session: nox.Session, *, editable: bool = True, extras: st
 @nox.parametrize("product", PRODUCTS, ids=PRODUCTS)
 def tests(session: nox.Session, product: str, accelerator: str) -> None:
     """Run one product's tests on one accelerator leg (cuda/tpu legs skip cleanly without the device)."""
-    _install_packages(session, extras="tensorboard")
+    # the fault suite fuzzes every registered strategy's arguments, DeepSpeed's included
+    _install_packages(session, extras="tensorboard,deepspeed" if product == "faults" else "tensorboard")
     session.install(*TEST_TOOLS)
     env = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     # Exit code 5 (nothing collected) is fine on a device leg: that product has no tests for the device yet.
