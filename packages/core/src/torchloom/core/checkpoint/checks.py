@@ -106,6 +106,19 @@ def check_checkpoint(checkpoint: Any, path: str | os.PathLike[str]) -> dict[str,
     return checkpoint
 
 
+def read_format_file(path: Path, format: str, version: int, what: str) -> dict[str, Any]:
+    """A metadata file torchloom writes beside a checkpoint directory, after checking it is ``format`` v``version``.
+
+    ``what`` names the file in the error (for example "the sharded checkpoint's metadata")."""
+    content = check_checkpoint(safe_load(path, map_location="cpu", weights_only=True), path)
+    if content.get("format") != format or content.get("version") != version:
+        raise CheckpointError(
+            f"{str(path)!r} is not in the format this torchloom reads ({format} v{version}): {what} is corrupt, or "
+            "from another program."
+        )
+    return content
+
+
 def check_version(recorded: Any, path: str | os.PathLike[str]) -> None:
     """Refuses ``recorded`` (the version a checkpoint was written by) if it is newer than the running torchloom."""
     running = running_version()

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torchloom.core.checkpoint.checks import VERSION_KEY, check_checkpoint, running_version, safe_load
+from torchloom.core.checkpoint.checks import VERSION_KEY, read_format_file, running_version
 from torchloom.core.checkpoint.io import TorchCheckpointIO
 from torchloom.core.errors import CheckpointError
 from torchloom.core.utils.imports import require
@@ -77,12 +77,7 @@ def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
             "the previous checkpoint, or save again."
         )
     extra_file = Path(path) / EXTRA_FILE
-    extra = check_checkpoint(safe_load(extra_file, map_location="cpu", weights_only=True), extra_file)
-    if extra.get("format") != _FORMAT or extra.get("version") != _VERSION:
-        raise CheckpointError(
-            f"{os.fspath(extra_file)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION}): the "
-            "DeepSpeed checkpoint's extra state is corrupt, or from another program."
-        )
+    extra = read_format_file(extra_file, _FORMAT, _VERSION, "the DeepSpeed checkpoint's extra state")
     return extra
 
 

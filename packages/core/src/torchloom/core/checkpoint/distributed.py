@@ -26,11 +26,10 @@ from torch.optim import Optimizer
 
 from torchloom.core.checkpoint.checks import (
     VERSION_KEY,
-    check_checkpoint,
     check_dcp_metadata,
+    read_format_file,
     refuse_directory,
     running_version,
-    safe_load,
 )
 from torchloom.core.checkpoint.io import TorchCheckpointIO, _fsync_dir
 from torchloom.core.errors import CheckpointError, ConfigurationError
@@ -92,12 +91,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "DCP's '.metadata'."
         )
     meta_file = Path(path) / META_FILE
-    meta = check_checkpoint(safe_load(meta_file, map_location="cpu", weights_only=True), meta_file)
-    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        raise CheckpointError(
-            f"{str(meta_file)!r} is not in the format this torchloom reads ({_FORMAT} v{_VERSION}): the sharded "
-            "checkpoint's metadata is corrupt, or from another program."
-        )
+    meta = read_format_file(meta_file, _FORMAT, _VERSION, "the sharded checkpoint's metadata")
     check_dcp_metadata(path)  # DCP unpickles it without restriction: refuse anything DCP does not write there
     return meta
 
