@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import os
 import warnings
 from collections.abc import Iterator, Sized
 from typing import Any, TypeVar
@@ -114,7 +115,9 @@ def init_process_group(
     else:
         store, rank, world_size = next(rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    prefixed = PrefixStore(f"torchloom/{_generation}/default_pg", store)
+    # an elastic restart meets in the same agent store as the failed attempt: its keys must not be read
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = PrefixStore(f"torchloom/attempt_{attempt}/{_generation}/default_pg", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
     _created_groups[:] = [dist.group.WORLD]
     _generation += 1

@@ -22,6 +22,9 @@ Decisions:
   accelerator (torch-xla starts its own processes) are refused.
 - Rendezvous is static: node ``--node-rank 0`` hosts it at ``--main-address:--main-port``. On one node
   without ``--main-port`` torch picks a free port; on several nodes the port defaults to 29500.
+- ``--max-restarts N`` (default 0): when a worker fails, torch's elastic agent stops the others and starts
+  them all again, up to N times; each new attempt sees ``TORCHELASTIC_RESTART_COUNT`` 1, 2, ... (a Trainer
+  ``fit`` then resumes from its last complete checkpoint). The job fails once the restarts are used up.
 """
 
 from __future__ import annotations
@@ -103,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"port on node 0 for the rendezvous (default: a free port on one node, {DEFAULT_MULTI_NODE_PORT} on several)",
     )
     run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="times to restart all the workers of this node after one fails, an int >= 0; a restarted Trainer.fit "
+        "resumes from its last checkpoint (default: 0, the first failure ends the job)",
+    )
+    run.add_argument(
         "--precision",
         help="numeric precision: '32-true', 'bf16-mixed', '16-mixed', '64-true', 'bf16-true', '16-true' or a "
         "legacy spelling 32, 16, bf16, 64 (default: the script's choice)",
@@ -168,7 +178,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         f"--node-rank={args.node_rank}",
         f"--master-addr={args.main_address}",
         "--rdzv-backend=static",
-        "--max-restarts=0",
+        f"--max-restarts={args.max_restarts}",
     ]
     port = args.main_port if args.main_port is not None or args.num_nodes == 1 else DEFAULT_MULTI_NODE_PORT
     if port is not None:
@@ -223,6 +233,10 @@ def _check_layout(args: argparse.Namespace) -> None:
         raise ConfigurationError(
             f"--node-rank {args.node_rank} is not valid with --num-nodes {args.num_nodes}. "
             f"Valid: {_node_ranks(args.num_nodes)}."
+        )
+    if args.max_restarts < 0:
+        raise ConfigurationError(
+            f"--max-restarts {args.max_restarts} is not valid. Valid: an int >= 0 such as 0 (no restart) or 3."
         )
     if args.main_port is not None and not 1 <= args.main_port <= 65535:
         raise ConfigurationError(f"--main-port {args.main_port} is not valid. Valid: a TCP port from 1 to 65535.")

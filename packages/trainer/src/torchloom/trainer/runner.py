@@ -29,6 +29,7 @@ from torchloom.trainer.loops import AutomaticOptimization, EvaluationLoop, FitLo
 from torchloom.trainer.module import is_overridden
 from torchloom.trainer.optimizers import parse_optimizers
 from torchloom.trainer.properties import TrainerProperties
+from torchloom.trainer.restarts import restart_ckpt_path
 from torchloom.trainer.spawn import WorkerResult, collect
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def _run(trainer: Trainer, fn: str, ckpt_path: Any) -> Any:
         module = trainer._module = convert_sync_batchnorm(module, trainer.strategy.root_device)
     trainer._load_data(fn)
     optimizers = _configure_optimizers(trainer) if fn == "fit" else []
-    path = checkpointing.resolve_ckpt_path(trainer, ckpt_path)
+    path = checkpointing.resolve_ckpt_path(trainer, restart_ckpt_path(trainer, fn, ckpt_path))
     checkpoint = checkpointing.read_checkpoint(trainer, path) if path is not None else None
     if checkpoint is not None and not trainer.strategy.restore_checkpoint_after_setup:
         checkpointing.restore_weights(trainer, checkpoint, module)

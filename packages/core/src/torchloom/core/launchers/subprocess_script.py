@@ -6,7 +6,9 @@ them, and **exits the process** with code 0 once every worker has succeeded, lik
 after ``launch`` therefore runs in the workers only, and code before it runs in the agent and in
 every worker. When a worker fails, elastic stops the others (SIGTERM, then SIGKILL after
 ``termination_timeout`` seconds) and ``launch`` raises ``WorkerFailedError`` with the failed rank,
-its exit code or signal, and its traceback.
+its exit code or signal, and its traceback. With ``max_restarts=N`` elastic instead starts every worker
+again, up to N times (each new attempt sees ``TORCHELASTIC_RESTART_COUNT`` 1, 2, ...), and ``launch``
+raises only when the restarts are used up.
 
 Inside a worker (or any process whose launcher already exists: torchrun, srun, a user's own
 ``LOCAL_RANK`` launch) ``launch`` runs ``worker_setup`` (the strategy's ``setup_environment``: device
@@ -70,7 +72,12 @@ class SubprocessScriptLauncher(Launcher):
         termination_timeout: int = 10,
         monitor_interval: float = 0.1,
         worker_setup: Callable[[], None] | None = None,
+        max_restarts: int = 0,
     ) -> None:
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigurationError(
+                f"max_restarts={max_restarts!r} is not valid. Valid: an int >= 0 such as 0 (no restart) or 3."
+            )
         if num_processes < 1 or num_nodes < 1:
             raise ConfigurationError(
                 f"num_processes={num_processes} and num_nodes={num_nodes} must both be >= 1 to launch workers."
@@ -82,6 +89,7 @@ class SubprocessScriptLauncher(Launcher):
         self.termination_timeout = termination_timeout
         self.monitor_interval = monitor_interval
         self.worker_setup = worker_setup
+        self.max_restarts = max_restarts
 
     @property
     @override
@@ -129,7 +137,7 @@ class SubprocessScriptLauncher(Launcher):
             rdzv_backend="static",  # node_rank fixes each node's place; node 0's agent hosts the store
             rdzv_endpoint=f"{host}:{environment.main_port}",
             rdzv_configs={"rank": environment.node_rank(), "timeout": int(self.timeout.total_seconds())},
-            max_restarts=0,
+            max_restarts=self.max_restarts,
             monitor_interval=self.monitor_interval,
             shutdown_timeout=self.termination_timeout,
         )
