@@ -467,3 +467,37 @@ def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path: Path, load: Call
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "notes.txt").write_text("hi")
     refused(load, tmp_path / "folder", "is a directory but not a torchloom checkpoint")
+
+
+def deepspeed_directory(path: Path, partition: dict[str, Any]) -> Path:
+    """A complete-looking DeepSpeed directory whose optimizer partition file holds ``partition``."""
+    incomplete_deepspeed_directory(path)
+    torch.save(partition, path / ds_io.TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    ds_io.write_extra(path, {"model": ds_io.MODULE}, {"step": 3})
+    return path
+
+
+def test_deepspeed_partition_files_as_deepspeed_writes_them_pass_the_check(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    partition = {"zero_stage": ZeroStageEnum(2), "loss_scaler": LossScaler(1.0), "state": torch.ones(3)}
+    ds_io.check_partitions(deepspeed_directory(tmp_path / "ds", partition), ds_io.TAG)
+
+
+def test_a_deepspeed_partition_file_that_would_run_code_is_refused_before_deepspeed_reads_it(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    marker = tmp_path / "MARKER"
+    path = deepspeed_directory(tmp_path / "ds", {"state": torch.ones(3), "payload": WritesAMarker(marker)})
+    partition = rf"'{path / ds_io.TAG / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'}' was refused"
+    refused(lambda p: ds_io.check_partitions(p, ds_io.TAG), path, partition)
+    refused(ds_io.load_consolidated, path, partition)  # zero_to_fp32 would unpickle it with weights_only=False
+    assert not marker.exists()
+
+
+def test_a_deepspeed_directory_without_partition_files_is_refused(tmp_path: Path) -> None:
+    path = deepspeed_directory(tmp_path / "ds", {})
+    for file in (path / ds_io.TAG).glob("*.pt"):
+        file.unlink()
+    refused(lambda p: ds_io.check_partitions(p, ds_io.TAG), path, "has no partition files")

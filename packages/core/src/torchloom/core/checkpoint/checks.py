@@ -47,11 +47,15 @@ def running_version() -> str:
     return __version__
 
 
-def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool = True) -> Any:
-    """``torch.load(path)`` whose failures to read the file are ``CheckpointError``; any object comes back."""
+def safe_load(
+    path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False
+) -> Any:
+    """``torch.load(path)`` whose failures to read the file are ``CheckpointError``; any object comes back.
+
+    ``mmap=True`` maps tensor data instead of reading it: a check of what a file holds costs its pickle only."""
     target = Path(path)
     try:
-        return torch.load(target, map_location=map_location, weights_only=weights_only)
+        return torch.load(target, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as error:
         text = str(error)
         if isinstance(error, RuntimeError) and "deserialize object on" in text:

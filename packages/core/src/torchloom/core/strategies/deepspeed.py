@@ -40,7 +40,7 @@ from torchloom.core.checkpoint import deepspeed as ds_io
 from torchloom.core.checkpoint.distributed import remove_path, swap_into_place
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
-from torchloom.core.errors import ConfigurationError
+from torchloom.core.errors import CheckpointError, ConfigurationError
 from torchloom.core.precision.deepspeed import DeepSpeedPrecision
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies import deepspeed_config as ds_config
@@ -523,6 +523,8 @@ class DeepSpeedStrategy(ParallelStrategy):
             for kind in (self._engine_kind(state[key]) for key in engine_keys)
         )
         if engine_keys:
+            if weights_only:
+                self._check_partitions(path, extra["tag"])
             loaded, _ = self.engine().load_checkpoint(
                 os.fspath(path),
                 tag=extra["tag"],
@@ -542,6 +544,18 @@ class DeepSpeedStrategy(ParallelStrategy):
             else:
                 state[key] = value
         return remainder
+
+    def _check_partitions(self, path: str | os.PathLike[str], tag: str) -> None:
+        """DeepSpeed unpickles its files with weights_only=False: rank 0 vets them, and every rank refuses alike."""
+        problem: str | None = None
+        if self.is_global_zero:
+            try:
+                ds_io.check_partitions(path, tag)
+            except CheckpointError as error:
+                problem = str(error)
+        problem = self.broadcast(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     @override
     def __repr__(self) -> str:
