@@ -65,12 +65,15 @@ def test_stop_names_the_step_epoch_batch_and_rank_within_the_check_interval() ->
     module = Regressor(nan_at_step=5)
     checked: list[int] = []
 
-    class Spy(NonFiniteGuard):
-        def _check(self, trainer: Trainer) -> None:
-            checked.append(trainer.global_step)
-            super()._check(trainer)
+    guard = NonFiniteGuard("stop", check_every_n_steps=4)
+    trainer = Trainer(max_epochs=1, callbacks=[guard], **QUIET)
+    check = guard._monitor.check
 
-    trainer = Trainer(max_epochs=1, callbacks=[Spy("stop", check_every_n_steps=4)], **QUIET)
+    def spy(strategy: Any, advice: str) -> None:
+        checked.append(trainer.global_step)
+        check(strategy, advice)
+
+    guard._monitor.check = spy  # type: ignore[method-assign]
     with pytest.raises(NonFiniteError, match=r"at global step 5 \(epoch 0, batch 5\) on rank\(s\) \[0\]"):
         trainer.fit(module, loader())
     assert checked == [4, 8]  # one host sync per 4 steps; the NaN of step 5 is found at the second check

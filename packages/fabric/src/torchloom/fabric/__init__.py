@@ -6,8 +6,18 @@
 
 from torchloom.fabric.checks import FabricUsageError
 from torchloom.fabric.fabric import Fabric
+from torchloom.fabric.nonfinite import NonFiniteError, NonFiniteGuard
 from torchloom.fabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Fabric", "FabricDataLoader", "FabricModule", "FabricOptimizer", "FabricUsageError", "__version__"]
+__all__ = [
+    "Fabric",
+    "FabricDataLoader",
+    "FabricModule",
+    "FabricOptimizer",
+    "FabricUsageError",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "__version__",
+]
