@@ -24,6 +24,7 @@ from torchloom.trainer.callbacks import (
     LambdaCallback,
     ModelCheckpoint,
     ModelSummary,
+    PreemptionCheckpoint,
     ProgressBar,
     Timer,
     TQDMProgressBar,
@@ -154,7 +155,7 @@ def test_default_root_dir_holds_the_default_checkpoints(tmp_path: Path) -> None:
 def test_enable_flags_add_or_drop_the_default_callbacks(tmp_path: Path) -> None:
     everything = quiet_trainer(enable_checkpointing=True, enable_progress_bar=True, enable_model_summary=True)
     kinds = [type(c) for c in everything.callbacks]
-    assert kinds == [ModelSummary, TQDMProgressBar, ModelCheckpoint]
+    assert kinds == [ModelSummary, TQDMProgressBar, ModelCheckpoint, PreemptionCheckpoint]  # saves on SIGTERM
     assert quiet_trainer().callbacks == []
     with pytest.raises(ConfigurationError, match=r"enable_checkpointing=False.*ModelCheckpoint"):
         quiet_trainer(callbacks=[ModelCheckpoint(dirpath=tmp_path)])

@@ -23,6 +23,7 @@ import torch
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.utils.rank_zero import rank_zero_warn
 from torchloom.trainer import checkpoint as checkpointing
+from torchloom.trainer.callbacks.preemption import FitPreempted
 from torchloom.trainer.hooks import HookCaller
 from torchloom.trainer.logging import split_by_dataloader
 from torchloom.trainer.loops import AutomaticOptimization, EvaluationLoop, FitLoop, ManualOptimization, PredictionLoop
@@ -186,7 +187,10 @@ def _fit(trainer: Trainer) -> None:
         EvaluationLoop(trainer, "validate").run(trainer._data_loaders("val"), trainer._data_counts("val"), sanity=True)
         trainer._call("on_sanity_check_end")
         trainer.state.stage = "train"
-    FitLoop(trainer).run()
+    try:
+        FitLoop(trainer).run()
+    except FitPreempted:  # a checkpoint of this step is saved: leave mid-epoch, as after an error but cleanly
+        return
     trainer._call("on_fit_end")
 
 

@@ -31,6 +31,7 @@ class WorkerResult:
     weights: dict[str, Any] | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     should_stop: bool = False
+    preempted: bool = False
     callback_metrics: dict[str, Any] = field(default_factory=dict)
     logged_metrics: dict[str, Any] = field(default_factory=dict)
     progress_bar_metrics: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +48,7 @@ def collect(trainer: Trainer, output: Any, caller_pid: int) -> WorkerResult:
     result.weights = {k: _whole(v).detach().cpu() for k, v in trainer.loom_module.state_dict().items()}
     result.progress = trainer._progress.state_dict()
     result.should_stop = trainer.should_stop
+    result.preempted = trainer.state.preempted
     result.callback_metrics = dict(store.callback_metrics)
     result.logged_metrics = dict(store.logged_metrics)
     result.progress_bar_metrics = dict(store.progress_bar_metrics)
@@ -71,6 +73,7 @@ def apply(trainer: Trainer, result: WorkerResult | None) -> Any:
         module.load_state_dict(result.weights)
     trainer._progress.load_state_dict(result.progress)
     trainer.should_stop = result.should_stop
+    trainer.state.preempted = result.preempted
     store = trainer._metrics
     store.callback_metrics = result.callback_metrics
     store.logged_metrics = result.logged_metrics

@@ -15,10 +15,12 @@ STAGES = ("train", "sanity_check", "validate", "test", "predict")
 
 @dataclass
 class TrainerState:
-    """``fn``: the entry point running (``None`` between runs); ``stage``: the loop running inside it."""
+    """``fn``: the entry point running (``None`` between runs); ``stage``: the loop running inside it;
+    ``preempted``: fit stopped early on a preemption signal, after saving a checkpoint to resume from."""
 
     fn: str | None = None
     stage: str | None = None
+    preempted: bool = False
 
     def __post_init__(self) -> None:
         if self.fn is not None and self.fn not in FN:

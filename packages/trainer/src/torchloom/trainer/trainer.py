@@ -25,7 +25,14 @@ from torchloom.core.strategies.strategy import Strategy
 from torchloom.trainer import checkpoint as checkpointing
 from torchloom.trainer import spawn
 from torchloom.trainer.adapter import StrategyAdapter
-from torchloom.trainer.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, Timer, TQDMProgressBar
+from torchloom.trainer.callbacks import (
+    ModelCheckpoint,
+    ModelSummary,
+    PreemptionCheckpoint,
+    ProgressBar,
+    Timer,
+    TQDMProgressBar,
+)
 from torchloom.trainer.callbacks.callback import Callback
 from torchloom.trainer.config import TrainerConfig, parse_callbacks, parse_config, parse_loggers
 from torchloom.trainer.data_source import DataSource
@@ -295,13 +302,17 @@ def _with_default_callbacks(callbacks: list[Callback], config: TrainerConfig) ->
         front.append(ModelSummary())
     if config.enable_progress_bar and not given_bars:
         front.append(TQDMProgressBar())
-    middle = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    middle = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
     if config.max_time is not None:
         middle.append(Timer(duration=config.max_time, interval="step"))
     checkpoints: list[Callback] = list(given_checkpoints)
     if config.enable_checkpointing and not given_checkpoints:
         checkpoints.append(ModelCheckpoint())
-    return front + middle + checkpoints
+    # last: its save at a step's end holds what every other callback did in that step
+    preemption = [c for c in callbacks if isinstance(c, PreemptionCheckpoint)]
+    if config.enable_checkpointing and not preemption:
+        preemption.append(PreemptionCheckpoint())
+    return front + middle + checkpoints + preemption
 
 
 def _check_model(model: object, fn: str) -> None:

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from torchloom.core.errors import ConfigurationError, WorkerFailedError, choices
 from torchloom.core.launchers.launcher import Launcher
+from torchloom.core.preemption import forwarding_signals
 from torchloom.core.utils.collections import apply_to_collection
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ class MultiprocessingLauncher(Launcher):
                 "Define the function at module level, or use 'ddp_fork' / 'ddp_notebook' which need no pickling."
             ) from error
         try:
-            return _join(context, results)
+            # a SIGTERM to this process goes to the workers, which can save and exit (core/preemption.py)
+            with forwarding_signals(lambda: [p.pid for p in context.processes if p.is_alive()]):
+                return _join(context, results)
         except (ProcessRaisedException, ProcessExitedException) as error:
             raise _worker_failed(context, error, strategy) from None
         finally:

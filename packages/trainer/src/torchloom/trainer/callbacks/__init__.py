@@ -6,6 +6,7 @@ from torchloom.trainer.callbacks.early_stopping import EarlyStopping
 from torchloom.trainer.callbacks.lambda_callback import LambdaCallback
 from torchloom.trainer.callbacks.lr_monitor import LearningRateMonitor
 from torchloom.trainer.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from torchloom.trainer.callbacks.preemption import PreemptionCheckpoint
 from torchloom.trainer.callbacks.progress import ProgressBar, RichProgressBar, TQDMProgressBar
 from torchloom.trainer.callbacks.summary import ModelSummary
 from torchloom.trainer.callbacks.timer import Timer
@@ -19,6 +20,7 @@ __all__ = [
     "ModelSummary",
     "NonFiniteError",
     "NonFiniteGuard",
+    "PreemptionCheckpoint",
     "ProgressBar",
     "RichProgressBar",
     "TQDMProgressBar",

@@ -1,0 +1,177 @@
+"""Preemption: SIGTERM (or SLURM's warning signal) saves a checkpoint at the next step and ends training cleanly;
+``fit(ckpt_path="last")`` (or ``fabric.load``) then finishes with the weights of a run that was never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.processes import explain, job_env, run_python
+from torchloom.core.errors import ConfigurationError
+from torchloom.core.preemption import PreemptionWatch, RequeueError
+from torchloom.trainer import LoomModule, Trainer
+from torchloom.trainer.callbacks import PreemptionCheckpoint
+
+JOB = Path(__file__).with_name("preemption_job.py")
+QUIET: dict[str, Any] = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "max_epochs": 2,
+}
+
+
+def loader() -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4, shuffle=True)
+
+
+class Net(LoomModule):
+    """Dropout, shuffled data and momentum, so a resume that is off by a batch or a random draw shows.
+
+    At global step ``signal_at`` (on ``signal_rank``, -1: every rank) it sends itself ``signal_name``;
+    ``step_seconds`` slows each step so a signal from outside lands mid-training; ``marker`` is a file
+    written at global step 3, to tell a test that training runs."""
+
+    def __init__(
+        self,
+        signal_at: int = -1,
+        signal_name: str = "SIGTERM",
+        signal_rank: int = -1,
+        step_seconds: float = 0.0,
+        marker: str = "",
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+        self.signal_at, self.signal_name, self.signal_rank = signal_at, signal_name, signal_rank
+        self.step_seconds, self.marker = step_seconds, marker
+        self.handler_seen: Any = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        step, rank = self.trainer.global_step, self.trainer.global_rank
+        self.handler_seen = signal.getsignal(signal.SIGTERM)
+        if step == self.signal_at and self.signal_rank in (-1, rank):
+            os.kill(os.getpid(), signal.Signals[self.signal_name])
+        if self.marker and step == 3:
+            Path(self.marker).touch()
+        time.sleep(self.step_seconds)
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+
+def assert_same_weights(mine: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert mine.keys() == reference.keys()
+    for key in mine:
+        assert torch.equal(mine[key], reference[key]), key
+
+
+def reference_weights(root: Path) -> dict[str, torch.Tensor]:
+    module = Net()
+    Trainer(default_root_dir=root, **QUIET).fit(module, loader())
+    return module.state_dict()
+
+
+def test_sigterm_saves_at_the_step_and_last_resumes_exactly(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    module = Net(signal_at=20)
+    trainer = Trainer(default_root_dir=tmp_path / "run", **QUIET)
+    trainer.fit(module, loader())
+    assert trainer.state.preempted and trainer.global_step == 21  # the step that got the signal, then stop
+    assert module.handler_seen != before and signal.getsignal(signal.SIGTERM) == before  # installed, then restored
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 21 and saved["loops"]["fit"]["batches_done"] == 5  # mid-epoch 1
+
+    resumed = Net()
+    again = Trainer(default_root_dir=tmp_path / "run", **QUIET)
+    again.fit(resumed, loader(), ckpt_path="last")
+    assert not again.state.preempted and again.global_step == 32
+    assert_same_weights(resumed.state_dict(), reference_weights(tmp_path / "reference"))
+
+
+def test_no_signals_installs_nothing(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    module = Net()
+    Trainer(default_root_dir=tmp_path, callbacks=[PreemptionCheckpoint(signals=[])], **QUIET).fit(module, loader())
+    assert module.handler_seen == before
+
+
+def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
+    """An ``scontrol`` that appends its arguments to ``folder/scontrol.log``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/scontrol.log"\necho refused >&2\nexit {exit_code}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return folder / "scontrol.log"
+
+
+@pytest.mark.parametrize(("sent", "requeued"), [("SIGUSR1", True), ("SIGTERM", False)])
+def test_slurm_requeues_after_its_warning_signal_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: str, requeued: bool
+) -> None:
+    """``--signal=USR1@90`` warns before the time limit: save and requeue. SIGTERM may be ``scancel``: no requeue."""
+    log = fake_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trainer = Trainer(default_root_dir=tmp_path, **QUIET)
+    trainer.fit(Net(signal_at=3, signal_name=sent), loader())
+    assert trainer.state.preempted and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (log.read_text() if log.exists() else "") == ("requeue 4242\n" if requeued else "")
+
+
+def test_a_failed_requeue_says_the_checkpoint_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_scontrol(tmp_path / "bin", exit_code=1)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # the fake only: sh is found by its #! line
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    with pytest.raises(RequeueError, match=r"'scontrol requeue 70_3' failed with exit code 1: refused The checkpoint"):
+        Trainer(default_root_dir=tmp_path, **QUIET).fit(Net(signal_at=2, signal_name="SIGUSR1"), loader())
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(RequeueError, match="'scontrol' is not on PATH"):
+        Trainer(default_root_dir=tmp_path, **QUIET).fit(Net(signal_at=2, signal_name="SIGUSR1"), loader())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"signals": ["SIGKILL"]}, r"'SIGKILL' is not valid. Valid: signal names such as 'SIGTERM'"),
+     ({"signals": "SIGNOPE"}, r"'SIGNOPE' is not valid"),
+     ({"signals": [signal.SIGSTOP]}, r"SIGSTOP.* is not valid.*cannot be caught"),
+     ({"signals": 3.5}, r"signals=3.5\) is not valid"),
+     ({"signals": [True]}, r"True is not valid"),
+     ({"check_every_n_steps": 0}, r"check_every_n_steps=0\) is not valid. Valid: an int >= 1"),
+     ({"requeue": "yes"}, r"requeue='yes'\) is not valid. Valid: True, False or None")],
+)  # fmt: skip
+def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        PreemptionCheckpoint(**kwargs)
+
+
+def test_signal_names_numbers_and_members_are_accepted() -> None:
+    watch = PreemptionWatch(Trainer(accelerator="cpu").strategy, signals=["term", 10, signal.SIGTERM, "SIGINT"])
+    assert watch.signals == (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def test_without_a_model_checkpoint_a_folder_is_needed(tmp_path: Path) -> None:
+    trainer = Trainer(default_root_dir=tmp_path, enable_checkpointing=False, callbacks=[PreemptionCheckpoint()], **QUIET)
+    with pytest.raises(ConfigurationError, match=r"there is no ModelCheckpoint. Valid: enable_checkpointing=True"):
+        trainer.fit(Net(), loader())
+    with pytest.raises(ConfigurationError, match=r"dirpath=3\) is not valid"):
+        PreemptionCheckpoint(dirpath=3)  # type: ignore[arg-type]
