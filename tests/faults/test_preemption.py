@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,8 +172,97 @@ def test_signal_names_numbers_and_members_are_accepted() -> None:
 
 
 def test_without_a_model_checkpoint_a_folder_is_needed(tmp_path: Path) -> None:
-    trainer = Trainer(default_root_dir=tmp_path, enable_checkpointing=False, callbacks=[PreemptionCheckpoint()], **QUIET)
+    trainer = Trainer(
+        default_root_dir=tmp_path, enable_checkpointing=False, callbacks=[PreemptionCheckpoint()], **QUIET
+    )
     with pytest.raises(ConfigurationError, match=r"there is no ModelCheckpoint. Valid: enable_checkpointing=True"):
         trainer.fit(Net(), loader())
     with pytest.raises(ConfigurationError, match=r"dirpath=3\) is not valid"):
         PreemptionCheckpoint(dirpath=3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- two DDP ranks, as subprocesses
+
+
+def results(out: Path, phase: str) -> list[dict[str, Any]]:
+    return [json.loads((out / f"{phase}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def weights(out: Path, phase: str) -> dict[str, torch.Tensor]:
+    loaded: dict[str, torch.Tensor] = torch.load(out / f"{phase}.pt", weights_only=True)
+    return loaded
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_one_gets_slurms_warning_and_resume_exactly(tmp_path: Path) -> None:
+    """Only rank 1 receives SIGUSR1 (``--signal=USR1@90``): both ranks save at the same step and exit 0, rank 0
+    (which got no signal) requeues the job once, and fit(ckpt_path="last") ends on the uninterrupted weights."""
+    log = fake_scontrol(tmp_path / "bin")
+    env = job_env(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="9001")
+    process = run_python(JOB, "trainer-self", str(tmp_path), "SIGUSR1", timeout=240, env=env)
+    assert process.returncode == 0, explain(process)
+    assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "first")] == [(True, 6), (True, 6)]
+    assert log.read_text() == "requeue 9001\n"
+    assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "resumed")] == [(False, 16), (False, 16)]
+    assert_same_weights(weights(tmp_path, "resumed"), weights(tmp_path, "reference"))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(weights(tmp_path, "first").values(), weights(tmp_path, "reference").values())
+    )
+
+
+def sigterm_when_training(mode: str, out: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Runs the job; once its workers train, SIGTERM goes to the launching process. Returns it and the seconds
+    from the signal to its exit."""
+    command = [sys.executable, str(JOB), mode, str(out)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env(), start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "training").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, output, ""), time.monotonic() - sent
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_elastic_agent_reaches_the_workers_which_save_and_stop(tmp_path: Path) -> None:
+    """strategy='ddp': the agent sends SIGTERM on to its workers and gives them ``termination_timeout`` (10 s)
+    before SIGKILL. Both save at the same step and end fit; the agent itself still exits 1 (elastic re-raises
+    the signal as SignalException)."""
+    process, seconds = sigterm_when_training("trainer-wait", tmp_path)
+    first = results(tmp_path, "first")
+    assert all(r["preempted"] for r in first) and first[0]["global_step"] == first[1]["global_step"], explain(process)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == first[0]["global_step"] and 3 <= saved["global_step"] < 16
+    assert "PreemptionCheckpoint: SIGTERM received" in process.stdout and seconds < 10, explain(process)
+    assert process.returncode == 1 and "SignalException" in process.stdout, explain(process)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_spawn_parent_is_forwarded_and_fit_returns_preempted(tmp_path: Path) -> None:
+    """strategy='ddp_spawn': the parent forwards SIGTERM to its workers and waits; fit returns in the parent with
+    trainer.state.preempted set, and the parent exits 0."""
+    process, seconds = sigterm_when_training("spawn-wait", tmp_path)
+    assert process.returncode == 0, explain(process)
+    parent = json.loads((tmp_path / "parent.json").read_text())
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert parent["preempted"] and saved["global_step"] == parent["global_step"] and saved["global_step"] < 16
+    assert seconds < 10, explain(process)
+
+
+@pytest.mark.slow
+def test_fabric_loop_with_preemption_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    """Rank 1 alone gets SIGTERM at step 5: both ranks leave the loop after step 6 with one save; loading it and
+    running on ends on the weights of a loop that was never stopped."""
+    process = run_python(JOB, "fabric", str(tmp_path), timeout=240)
+    assert process.returncode == 0, explain(process)
+    assert [(r["stopped"], r["step"]) for r in results(tmp_path, "first")] == [(True, 6), (True, 6)]
+    assert [(r["stopped"], r["step"]) for r in results(tmp_path, "resumed")] == [(False, 24), (False, 24)]
+    assert_same_weights(weights(tmp_path, "resumed"), weights(tmp_path, "reference"))

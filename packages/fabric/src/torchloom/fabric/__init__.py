@@ -7,6 +7,7 @@
 from torchloom.fabric.checks import FabricUsageError
 from torchloom.fabric.fabric import Fabric
 from torchloom.fabric.nonfinite import NonFiniteError, NonFiniteGuard
+from torchloom.fabric.preemption import Preemption
 from torchloom.fabric.wrappers import FabricDataLoader, FabricModule, FabricOptimizer
 
 __version__ = "0.1.0"
@@ -19,5 +20,6 @@ __all__ = [
     "FabricUsageError",
     "NonFiniteError",
     "NonFiniteGuard",
+    "Preemption",
     "__version__",
 ]
