@@ -5,11 +5,13 @@ change, else a new one of the same class built from the old one's settings (batc
 function, workers, pinning, ``drop_last``, ...) with:
 
 - a sampler that gives each rank its share, when the strategy splits data (``sampler_kwargs`` is
-  not ``None``): a ``SequentialSampler`` becomes a ``DistributedSampler(shuffle=False)``; a
+  not ``None``): a ``SequentialSampler`` becomes a ``ResumableDistributedSampler(shuffle=False)``; a
   ``RandomSampler`` that draws each index once (what ``shuffle=True`` builds) a shuffled one seeded
   from ``TORCHLOOM_GLOBAL_SEED`` (unshuffled with ``ordered=True``, for evaluation); any other
   sampler or batch sampler is wrapped in ``DistributedSamplerWrapper``, which keeps its order. A
-  ``DistributedSampler`` already there, or an ``IterableDataset``, is left alone;
+  ``DistributedSampler`` already there, or an ``IterableDataset``, is left alone. Each epoch of the
+  new samplers follows one global order whatever the number of ranks, and can begin part-way
+  through it (``resumable_sampler``): how a resume continues an epoch on another number of ranks;
 - a worker seeding function after ``seed_everything(..., workers=True)``, when the loader has
   worker processes and no ``worker_init_fn`` of its own: every worker of every rank gets distinct
   seeds for torch, ``random`` and NumPy, fresh each epoch (torch alone gives worker ``i`` of every
@@ -37,7 +39,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from torchloom.core.distributed import DistributedSamplerWrapper
+from torchloom.core.distributed import DistributedSamplerWrapper, ResumableDistributedSampler
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.utils.rank_zero import rank_zero_warn
 from torchloom.core.utils.seed import SEED_ENV, SEED_WORKERS_ENV
@@ -46,6 +48,7 @@ __all__ = [
     "distributed_sampler",
     "prepare_dataloader",
     "rebuild_dataloader",
+    "resumable_sampler",
     "seed_worker",
     "set_sampler_epoch",
 ]
@@ -69,16 +72,23 @@ _DATALOADER_ARGUMENTS = frozenset(inspect.signature(DataLoader).parameters)
 
 
 def prepare_dataloader(
-    dataloader: DataLoader[Any], sampler_kwargs: dict[str, Any] | None, rank: int, *, ordered: bool = False
+    dataloader: DataLoader[Any],
+    sampler_kwargs: dict[str, Any] | None,
+    rank: int,
+    *,
+    ordered: bool = False,
+    keep_draws: bool = False,
 ) -> DataLoader[Any]:
     """``dataloader`` split over ranks (when ``sampler_kwargs`` is given) with seeded workers.
 
     ``sampler_kwargs`` is the strategy's ``distributed_sampler_kwargs``; ``rank`` the global rank;
-    ``ordered=True`` splits a shuffling loader without shuffling (evaluation).
+    ``ordered=True`` splits a shuffling loader without shuffling (evaluation); ``keep_draws=True`` keeps
+    a shuffling loader's draws from the random state instead of the seeded order (one process: the
+    order it has unsplit).
     """
     changes: dict[str, Any] = {}
     if sampler_kwargs is not None and not isinstance(dataloader.dataset, IterableDataset):
-        changes.update(_distributed_sampling(dataloader, sampler_kwargs, ordered))
+        changes.update(_distributed_sampling(dataloader, sampler_kwargs, ordered, keep_draws))
     if os.environ.get(SEED_WORKERS_ENV) == "1" and dataloader.num_workers > 0 and dataloader.worker_init_fn is None:
         if _accepts(type(dataloader), "worker_init_fn"):
             changes["worker_init_fn"] = functools.partial(seed_worker, rank=rank)
@@ -104,11 +114,13 @@ def _sampling(dataloader: DataLoader[Any]) -> dict[str, Any]:
     return {"batch_sampler": batch_sampler}
 
 
-def _distributed_sampling(dataloader: DataLoader[Any], sampler_kwargs: dict[str, Any], ordered: bool) -> dict[str, Any]:
+def _distributed_sampling(
+    dataloader: DataLoader[Any], sampler_kwargs: dict[str, Any], ordered: bool, keep_draws: bool
+) -> dict[str, Any]:
     """The sampler or batch sampler of the split loader; empty when the data is split already."""
     sampling = _sampling(dataloader)
     if "sampler" in sampling:
-        sampler = distributed_sampler(sampling["sampler"], sampler_kwargs, ordered=ordered)
+        sampler = distributed_sampler(sampling["sampler"], sampler_kwargs, ordered=ordered, keep_draws=keep_draws)
         return {} if sampler is sampling["sampler"] else {"sampler": sampler}
     batch_sampler = sampling["batch_sampler"]
     if isinstance(batch_sampler, DistributedSampler) or isinstance(
@@ -122,16 +134,38 @@ def _distributed_sampling(dataloader: DataLoader[Any], sampler_kwargs: dict[str,
     return {"batch_sampler": wrapper}
 
 
-def distributed_sampler(sampler: Any, sampler_kwargs: dict[str, Any], *, ordered: bool = False) -> Sampler[Any]:
+def distributed_sampler(
+    sampler: Any, sampler_kwargs: dict[str, Any], *, ordered: bool = False, keep_draws: bool = False
+) -> Sampler[Any]:
     """The sampler that gives this rank its share of what ``sampler`` draws (``sampler`` itself when it does)."""
     if isinstance(sampler, DistributedSampler):
         return sampler
     if type(sampler) is SequentialSampler or _is_plain_shuffle(sampler):
         dataset = cast(Dataset[Any], sampler.data_source)
         shuffle = type(sampler) is RandomSampler and not ordered
-        return DistributedSampler(dataset, shuffle=shuffle, seed=_seed(), **sampler_kwargs)
+        draw = sampler if shuffle and keep_draws else None
+        return ResumableDistributedSampler(dataset, shuffle=shuffle, seed=_seed(), draw=draw, **sampler_kwargs)
     # weighted, with replacement, grouped, ...: its draws are kept, ranks take turns
     return DistributedSamplerWrapper(sampler, shuffle=False, seed=_seed(), **sampler_kwargs)
+
+
+def resumable_sampler(dataloader: Any) -> tuple[ResumableDistributedSampler, int] | None:
+    """The loader's sampler that can begin an epoch part-way, and how many of its positions one batch takes.
+
+    ``None`` when the loader has none (an iterable dataset, a sampler of the user's own): such a
+    loader's epoch can only be fast-forwarded batch by batch, on the same number of ranks.
+    """
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    if isinstance(batch_sampler, ResumableDistributedSampler):  # a wrapped batch sampler: positions are batches
+        return batch_sampler, 1
+    sampler = getattr(dataloader, "sampler", None)
+    if not isinstance(sampler, ResumableDistributedSampler):
+        return None
+    if batch_sampler is None:  # batch_size=None: one sample per batch
+        return sampler, 1
+    if type(batch_sampler) is BatchSampler and batch_sampler.sampler is sampler:
+        return sampler, batch_sampler.batch_size
+    return None
 
 
 def _is_plain_shuffle(sampler: Any) -> bool:

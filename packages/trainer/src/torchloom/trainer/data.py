@@ -5,6 +5,9 @@ datamodule, else from the module's ``*_dataloader`` methods (neither base class 
 defining one is what opts in). Every ``DataLoader`` gets a distributed sampler under a strategy that
 splits data (``use_distributed_sampler=True``) and seeded workers after
 ``seed_everything(..., workers=True)``: core's ``torchloom.core.data.prepare_dataloader`` does both.
+The training loader gets one in a single process too (one replica, keeping the order it has unsplit),
+which can begin an epoch part-way through its order: a checkpoint saved mid-epoch on some number of
+processes then resumes on another without repeating or skipping a sample (``loops/resume_point.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from torchloom.core.data import prepare_dataloader
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.rank_zero import rank_zero_warn
 
 __all__ = [
     "KINDS",
@@ -91,14 +95,26 @@ def count_batches(loader: Iterable[Any], limit: int | float, name: str) -> int |
     return count
 
 
-def prepare_loader(loader: Iterable[Any], sampler_kwargs: dict[str, Any] | None, rank: int, kind: str) -> Iterable[Any]:
+def prepare_loader(
+    loader: Iterable[Any], sampler_kwargs: dict[str, Any] | None, rank: int, kind: str, *, split: bool = True
+) -> Iterable[Any]:
     """A ``DataLoader`` split over processes (unless ``sampler_kwargs`` is ``None``) with seeded workers.
 
     Training loaders keep shuffling; evaluation loaders are split in order, so every sample is seen
-    in a predictable place. Other iterables of batches are used as they are.
+    in a predictable place. Other iterables of batches are used as they are. In one process
+    (``sampler_kwargs`` ``None`` while ``split``, i.e. ``use_distributed_sampler=True``) a training
+    loader gets a one-replica sampler with the same order, which a resume on more processes continues.
     """
     if not isinstance(loader, DataLoader):
         return loader
+    if kind == "train" and split and sampler_kwargs is None:
+        try:
+            return prepare_dataloader(loader, {"num_replicas": 1, "rank": 0}, rank, keep_draws=True)
+        except ConfigurationError as error:  # one process trains fine on the loader as it is
+            rank_zero_warn(
+                f"The training dataloader keeps its own sampling ({error}); a checkpoint saved mid-epoch then "
+                "resumes only on one process."
+            )
     return prepare_dataloader(loader, sampler_kwargs, rank, ordered=kind != "train")
 
 

@@ -53,7 +53,8 @@ class DataSource:
         items = to_loader_list(raw, kind, where)
         strategy = trainer.strategy
         sampler_kwargs = strategy.distributed_sampler_kwargs if config.use_distributed_sampler else None
-        items = [prepare_loader(item, sampler_kwargs, strategy.global_rank, kind) for item in items]
+        split = config.use_distributed_sampler
+        items = [prepare_loader(item, sampler_kwargs, strategy.global_rank, kind, split=split) for item in items]
         items = [strategy.process_dataloader(item) for item in items]
         limit_name = _LIMIT[kind]
         limit = getattr(config, limit_name)

@@ -35,6 +35,14 @@ class FitProgress:
     batch of ``epoch`` ran but its end (epoch schedulers, the move to the next epoch) did not yet.
     ``epoch_rng`` is the random state right before the epoch's dataloader iterator was made, from
     which a resume rebuilds the same batch order before fast-forwarding ``batches_done`` batches.
+
+    ``samples_done`` counts the positions of the epoch's global sample order consumed so far by all
+    ranks together (``world_size`` x the batch's share per rank, every batch; ``None`` when the training
+    loader cannot begin part-way, see ``torchloom.core.data.resumable_sampler``); ``world_size`` is the
+    number of processes that trained them; ``sample_order`` the kind of that order (``"seeded"`` or
+    ``"drawn"``, see ``torchloom.core.distributed.ResumableDistributedSampler``). From these a resume on
+    any number of processes begins at the next position. Checkpoints written before these fields have
+    them ``None``.
     """
 
     epoch: int = 0
@@ -43,6 +51,9 @@ class FitProgress:
     total_batches: int = 0  # training batches seen over all epochs
     epoch_finished: bool = False
     epoch_rng: dict[str, Any] | None = None
+    samples_done: int | None = None
+    world_size: int | None = None
+    sample_order: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # callback metrics at save time (plateau schedulers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -56,5 +67,6 @@ class FitProgress:
     def start_next_epoch(self) -> None:
         self.epoch += 1
         self.batches_done = 0
+        self.samples_done = 0
         self.epoch_finished = False
         self.epoch_rng = None

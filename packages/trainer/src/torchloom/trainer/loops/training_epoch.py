@@ -2,19 +2,23 @@
 
 For each batch: ``on_train_batch_start`` (returning -1 ends the epoch) -> the optimization of the
 batch -> ``on_train_batch_end`` -> step metrics to the loggers (every ``log_every_n_steps``) ->
-validation when a check is due. A resumed epoch first rebuilds the interrupted epoch's batch order
-from the random state saved at its start, skips the batches already trained, and then puts back
-the random state of the moment the checkpoint was saved.
+validation when a check is due. A resumed epoch first puts back the random state saved at the
+interrupted epoch's start, then continues its sample order where the checkpoint left it (on any
+number of processes when the loader's sampler can begin part-way, else by reading and dropping the
+batches already trained; see ``resume_point.py``), and then puts back the random state of the
+moment the checkpoint was saved.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from torchloom.core.data import set_sampler_epoch
 from torchloom.trainer.data import infer_batch_size
+from torchloom.trainer.loops.resume_point import epoch_start
 from torchloom.trainer.rng import capture_rng, restore_rng
 
 if TYPE_CHECKING:
@@ -26,6 +30,7 @@ __all__ = ["TrainingEpochLoop"]
 class TrainingEpochLoop:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        self._per_batch: int | None = None  # positions of the epoch's global order one batch takes on each rank
 
     def run(self) -> None:
         """Runs the batches of ``trainer.current_epoch`` from ``progress.batches_done`` on."""
@@ -43,12 +48,19 @@ class TrainingEpochLoop:
             restore_rng(progress.epoch_rng)  # the interrupted epoch's batch order...
         else:
             progress.epoch_rng = capture_rng()
-        iterator = _batches(loader, total) if progress.batches_done < total else iter(())
-        for _ in range(progress.batches_done if progress.batches_done < total else 0):
-            next(iterator, None)  # ...without the batches trained before the save
+        start = epoch_start(progress, loader, trainer.world_size, trainer.accumulate_grad_batches)
+        self._per_batch = start.per_batch
+        if start.first >= total:
+            iterator: Iterator[tuple[Any, bool]] = iter(())
+        elif start.part_way:  # ...of which the loader yields only what is left (drawn at its first batch)
+            iterator = _read_first(_batches(loader, min(total - start.first, len(loader))))
+        else:
+            iterator = _batches(loader, total)
+            for _ in range(start.skip):
+                next(iterator, None)  # ...without the batches trained before the save
         if resume_rng is not None:
             restore_rng(resume_rng)  # then dropout & co. continue from the moment of the save
-        batch_idx = progress.batches_done
+        batch_idx = start.first
         for batch, is_last in iterator:
             if self._run_batch(batch, batch_idx, is_last):
                 break
@@ -67,6 +79,8 @@ class TrainingEpochLoop:
         ends_window = (batch_idx + 1) % accumulate == 0 or is_last
         outputs = trainer._optimization.run(batch, batch_idx, ends_window)
         progress.batches_done = batch_idx + 1
+        if progress.samples_done is not None and self._per_batch is not None:
+            progress.samples_done += self._per_batch * trainer.world_size
         progress.total_batches += 1
         trainer._call("on_train_batch_end", outputs, batch, batch_idx)
         stop = trainer._reached_max_steps() or (trainer.should_stop and trainer._can_stop_early())
@@ -104,6 +118,13 @@ def _batches(loader: Iterable[Any], total: int | float) -> Iterator[tuple[Any, b
     if math.isinf(total):
         return _read_ahead(iterator)
     return _counted(iterator, int(total))
+
+
+def _read_first(iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator`` with its first item read now, while the random state is still the epoch start's."""
+    sentinel = object()
+    first = next(iterator, sentinel)
+    return iter(()) if first is sentinel else itertools.chain([first], iterator)
 
 
 def _counted(iterator: Iterator[Any], total: int) -> Iterator[tuple[Any, bool]]:
