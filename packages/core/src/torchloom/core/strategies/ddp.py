@@ -35,6 +35,7 @@ from torchloom.core.strategies.parallel import (
     check_start_method,
     launcher_for,
 )
+from torchloom.core.watchdog import DEFAULT_STALL_TIMEOUT
 
 __all__ = ["START_METHODS", "DDPStrategy"]
 
@@ -58,6 +59,7 @@ class DDPStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        stall_timeout: datetime.timedelta | None = DEFAULT_STALL_TIMEOUT,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -68,6 +70,7 @@ class DDPStrategy(ParallelStrategy):
             precision=precision,
             process_group_backend=process_group_backend,
             timeout=timeout,
+            stall_timeout=stall_timeout,
         )
         self._start_method = check_start_method(start_method)
         parameters = inspect.signature(DistributedDataParallel).parameters

@@ -48,6 +48,7 @@ from torchloom.core.strategies.checks import check_flag, check_wiring
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy, check_start_method, launcher_for
 from torchloom.core.strategies.strategy import StateFilter
 from torchloom.core.utils.imports import require
+from torchloom.core.watchdog import DEFAULT_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -89,6 +90,7 @@ class DeepSpeedStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        stall_timeout: datetime.timedelta | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         require("deepspeed", "DeepSpeedStrategy")  # before any process starts; names the extra to install
         check_wiring(accelerator, precision, checkpoint_io)  # before the precision is converted below
@@ -100,6 +102,7 @@ class DeepSpeedStrategy(ParallelStrategy):
             precision=None if precision is None else DeepSpeedPrecision.from_precision(precision),
             process_group_backend=process_group_backend,
             timeout=timeout,
+            stall_timeout=stall_timeout,
         )
         self._stage = ds_config.check_stage(stage)
         check_flag("offload_optimizer", offload_optimizer)

@@ -31,6 +31,7 @@ from torchloom.core.precision.fsdp import FSDPPrecision
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT
 from torchloom.core.strategies.sharded import ShardedStrategy
+from torchloom.core.watchdog import DEFAULT_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -72,6 +73,7 @@ class FSDPStrategy(ShardedStrategy):
         sharding_strategy: str = "FULL_SHARD",
         state_dict_type: str = "sharded",
         device_mesh: tuple[int, int] | DeviceMesh | None = None,
+        stall_timeout: datetime.timedelta | None = DEFAULT_STALL_TIMEOUT,
         **fully_shard_kwargs: Any,
     ) -> None:
         from torch.distributed.device_mesh import DeviceMesh
@@ -87,6 +89,7 @@ class FSDPStrategy(ShardedStrategy):
             timeout=timeout,
             state_dict_type=state_dict_type,
             start_method=start_method,
+            stall_timeout=stall_timeout,
         )
         if sharding_strategy not in SHARDING_STRATEGIES:
             raise ConfigurationError(

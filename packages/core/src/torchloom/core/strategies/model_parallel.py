@@ -27,6 +27,7 @@ from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT
 from torchloom.core.strategies.sharded import ShardedStrategy
+from torchloom.core.watchdog import DEFAULT_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -101,6 +102,7 @@ class ModelParallelStrategy(ShardedStrategy):
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision: Precision | None = None,
+        stall_timeout: datetime.timedelta | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         if parallelize_fn is not None and not callable(parallelize_fn):
             raise ConfigurationError(
@@ -123,6 +125,7 @@ class ModelParallelStrategy(ShardedStrategy):
             timeout=timeout,
             state_dict_type="sharded" if save_distributed_checkpoint else "full",
             start_method=start_method,
+            stall_timeout=stall_timeout,
         )
         self._parallelize_fn = parallelize_fn
         self._data_parallel_size = data_parallel_size

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from typing_extensions import override
 
-from torchloom.core import distributed
+from torchloom.core import distributed, watchdog
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
@@ -36,8 +36,14 @@ class ParallelStrategy(Strategy):
 
     Ranks come from the cluster environment; ``set_world_ranks`` tells environments that do not read
     them from a scheduler (the local one) what they are. ``timeout`` bounds every collective: a rank
-    that stalls makes its peers fail after it instead of hanging.
+    that stalls makes its peers fail after it instead of hanging. Sooner than that, a rank whose peers
+    have waited ``stall_timeout`` for it in a strategy call is named by the stall watchdog, which ends the
+    job with ``watchdog.STALL_EXIT_CODE`` (see ``torchloom.core.watchdog``); ``None`` turns it off.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        watchdog.mark_calls(cls)  # a subclass's own backward, collectives, ... count as progress too
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class ParallelStrategy(Strategy):
         precision: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+        stall_timeout: datetime.timedelta | None = watchdog.DEFAULT_STALL_TIMEOUT,
     ) -> None:
         check_wiring(accelerator, precision, checkpoint_io)
         check_parallel_arguments(parallel_devices, cluster_environment, process_group_backend)
@@ -58,6 +65,8 @@ class ParallelStrategy(Strategy):
         self._cluster_environment = cluster_environment
         self._process_group_backend = process_group_backend
         self._timeout = timeout
+        self._stall_timeout = watchdog.check_stall_timeout(stall_timeout)
+        self._watchdog: watchdog.StallWatchdog | None = None
         self._num_nodes = 1
         self._local_rank: int | None = None  # set by a launcher that starts the workers itself
         self._created_process_group = False
@@ -109,6 +118,10 @@ class ParallelStrategy(Strategy):
     @property
     def timeout(self) -> datetime.timedelta:
         return self._timeout
+
+    @property
+    def stall_timeout(self) -> datetime.timedelta | None:
+        return self._stall_timeout
 
     # ------------------------------------------------------------------ topology
     @property
@@ -174,9 +187,15 @@ class ParallelStrategy(Strategy):
             main_port=environment.main_port,
         )
         self._created_process_group = self._created_process_group or created
+        running = self._watchdog is not None and self._watchdog.running
+        if self._stall_timeout is not None and not running and distributed.is_distributed() and self.world_size > 1:
+            self._watchdog = watchdog.watch_default_group(self._stall_timeout)
 
     @override
     def teardown(self) -> None:
+        if self._watchdog is not None:  # before the group goes: a peer's teardown is no stall
+            self._watchdog.stop()
+            self._watchdog = None
         if self._created_process_group:
             distributed.destroy_process_group()
             self._created_process_group = False
@@ -216,6 +235,9 @@ class ParallelStrategy(Strategy):
             f"num_nodes={self._num_nodes}, num_processes={self.num_processes}, "
             f"cluster_environment={self._cluster_environment!r})"
         )
+
+
+watchdog.mark_calls(ParallelStrategy, inherited=True)  # the calls it inherits from Strategy
 
 
 def check_start_method(start_method: str) -> str:

@@ -34,6 +34,7 @@ from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies import sharded_params
 from torchloom.core.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy, check_start_method, launcher_for
 from torchloom.core.strategies.strategy import StateFilter, parameters_with_grads, unwrap_module
+from torchloom.core.watchdog import DEFAULT_STALL_TIMEOUT
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -66,6 +67,7 @@ class ShardedStrategy(ParallelStrategy):
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
         state_dict_type: str = "sharded",
         start_method: str = "popen",
+        stall_timeout: datetime.timedelta | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -75,6 +77,7 @@ class ShardedStrategy(ParallelStrategy):
             precision=precision,
             process_group_backend=process_group_backend,
             timeout=timeout,
+            stall_timeout=stall_timeout,
         )
         if state_dict_type not in STATE_DICT_TYPES:
             raise ConfigurationError(
