@@ -163,7 +163,8 @@ def test_same_world_size_resume_and_a_checkpoint_without_the_sample_count(tmp_pa
     for key in ("samples_done", "world_size", "sample_order"):
         del checkpoint["loops"]["fit"][key]
     torch.save(checkpoint, tmp_path / "old.ckpt")
-    fit_ids(tmp_path, "old", devices=1, ckpt_path=tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="did not record the number of processes.*assuming it was 1"):
+        fit_ids(tmp_path, "old", devices=1, ckpt_path=tmp_path / "old.ckpt")
     first = [i for record in records(tmp_path, "first", 0) for i in record["ids"]]
     for tag in ("rest", "old"):
         rest = records(tmp_path, tag, 0)

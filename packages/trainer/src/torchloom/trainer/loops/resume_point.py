@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from torchloom.core.data import resumable_sampler
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.utils.rank_zero import rank_zero_warn
 from torchloom.trainer.state import FitProgress
 
 __all__ = ["EpochStart", "epoch_start"]
@@ -54,7 +55,12 @@ def epoch_start(progress: FitProgress, loader: Any, world_size: int, accumulate:
         return EpochStart(first - first % accumulate, 0, True, per_batch)
     if saved.world_size is not None and saved.world_size != world_size:
         raise ConfigurationError(_refusal(progress, saved, world_size, loader))
-    # a checkpoint of the same world size (or one written before world sizes were recorded: assumed the same)
+    if saved.world_size is None:  # written before checkpoints recorded it: nothing to check against
+        rank_zero_warn(
+            f"The checkpoint was saved in the middle of epoch {progress.epoch} by a torchloom that did not record the "
+            f"number of processes; its {saved.batches_done} batches per process are skipped assuming it was "
+            f"{world_size}, as in this run (on another number, samples would be repeated or skipped)."
+        )
     progress.samples_done = saved.batches_done * per_batch * world_size if per_batch is not None else None
     return EpochStart(saved.batches_done, saved.batches_done, False, per_batch)
 
