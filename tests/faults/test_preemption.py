@@ -107,6 +107,45 @@ def test_sigterm_saves_at_the_step_and_last_resumes_exactly(tmp_path: Path) -> N
     assert_same_weights(resumed.state_dict(), reference_weights(tmp_path / "reference"))
 
 
+class ValidatedNet(Net):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+
+def val_loader() -> DataLoader[Any]:
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
+
+
+@pytest.mark.parametrize(("signal_at", "batches_done"), [(15, 16), (7, 8)])  # validation after 16 or 8, 16
+def test_a_validation_due_at_the_stopping_step_runs_before_fit_ends(
+    tmp_path: Path, signal_at: int, batches_done: int
+) -> None:
+    """Saved right after the step (in case validation outlasts the grace period), then again after the validation
+    due at that step; the resumed run therefore matches, validation's random draws included."""
+    kwargs = {**QUIET, "val_check_interval": 1.0 if batches_done == 16 else 0.5}
+    trainer = Trainer(default_root_dir=tmp_path / "run", **kwargs)
+    trainer.fit(ValidatedNet(signal_at=signal_at), loader(), val_loader())
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert trainer.state.preempted and saved["loops"]["fit"]["batches_done"] == batches_done
+    assert not saved["loops"]["fit"]["epoch_finished"]
+    resumed = ValidatedNet()
+    Trainer(default_root_dir=tmp_path / "run", **kwargs).fit(resumed, loader(), val_loader(), ckpt_path="last")
+    reference = ValidatedNet()
+    Trainer(default_root_dir=tmp_path / "reference", **kwargs).fit(reference, loader(), val_loader())
+    assert_same_weights(resumed.state_dict(), reference.state_dict())
+
+
+def test_min_epochs_does_not_keep_a_preempted_fit_going(tmp_path: Path) -> None:
+    trainer = Trainer(default_root_dir=tmp_path / "run", **{**QUIET, "min_epochs": 2})
+    trainer.fit(Net(signal_at=4), loader())
+    assert trainer.state.preempted and trainer.global_step == 5
+    resumed = Net()
+    Trainer(default_root_dir=tmp_path / "run", **{**QUIET, "min_epochs": 2}).fit(resumed, loader(), ckpt_path="last")
+    assert_same_weights(resumed.state_dict(), reference_weights(tmp_path / "reference"))
+
+
 def test_no_signals_installs_nothing(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     module = Net()

@@ -1,11 +1,13 @@
 """PreemptionCheckpoint: on SIGTERM (or SLURM's warning signal) save at the next step and end fit cleanly.
 
 On by default whenever checkpointing is (``enable_checkpointing``): a job that a scheduler stops keeps its
-work. The ranks agree on the step (core's ``PreemptionWatch``), every rank saves through
-``trainer.save_checkpoint`` (the same full checkpoint ``fit(ckpt_path=...)`` resumes exactly, mid-epoch
-included) to ``last.ckpt`` in the ModelCheckpoint's folder, where ``fit(ckpt_path="last")`` looks, then
-fit returns at once with ``trainer.state.preempted`` set and the process can exit 0. Under SLURM, after
-the requeue signal, the job is requeued. Signal handlers are installed for the training loop only.
+work. After each optimizer step the ranks agree whether any of them got the signal (core's
+``PreemptionWatch``); if so every rank saves at once through ``trainer.save_checkpoint`` (the full
+checkpoint ``fit(ckpt_path=...)`` resumes exactly, mid-epoch included) to ``last.ckpt`` in the
+ModelCheckpoint's folder, where ``fit(ckpt_path="last")`` looks. A validation due at that step still runs
+(then the file is written again, so a resume sees it: its metrics, checkpoints, random draws); then fit
+returns with ``trainer.state.preempted`` set, before the epoch's end, and the process can exit 0. Under
+SLURM, after the requeue signal, the job is requeued. Signal handlers are installed for the training loop only.
 
 Turn it off with ``PreemptionCheckpoint(signals=[])``, or change it by passing one with other arguments.
 """
@@ -34,7 +36,7 @@ LAST_NAME = "last.ckpt"
 
 
 class FitPreempted(Exception):
-    """Raised by ``PreemptionCheckpoint`` after its save to leave the loops at once; the runner ends fit on it."""
+    """Raised by ``PreemptionCheckpoint`` once saved, to leave the loops at once; the runner ends fit on it."""
 
 
 class PreemptionCheckpoint(Callback):
@@ -66,11 +68,13 @@ class PreemptionCheckpoint(Callback):
         }  # fmt: skip
         self._watch: PreemptionWatch | None = None
         self._last_step = -1
+        self._stopping = False  # saved; fit ends at the next of: epoch end, batch start
+        self._validated = False  # a validation ran between the save and the stop
         self.saved_path: str | None = None
 
     @override
     def on_train_start(self, trainer: Trainer, module: LoomModule) -> None:
-        self.saved_path = None
+        self.saved_path, self._stopping, self._validated = None, False, False
         self._last_step = trainer.global_step
         watch = PreemptionWatch(trainer.strategy, owner="PreemptionCheckpoint", **self._options)
         if not watch.signals:
@@ -86,24 +90,54 @@ class PreemptionCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: LoomModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._watch is None or trainer.global_step == self._last_step:
+        if self._watch is None or self._stopping or trainer.global_step == self._last_step:
             return  # only where an optimizer step ended: gradients mid-accumulation are not in checkpoints
         self._last_step = trainer.global_step
         if not self._watch.requested():
             return
+        self._save(trainer)  # at once: a validation due at this step may outlast the grace period
+        self._stopping, self._validated = True, False
+        trainer.should_stop = True  # the epoch ends after this step's validation, if one is due
+
+    @override
+    def on_validation_end(self, trainer: Trainer, module: LoomModule) -> None:
+        self._validated = self._stopping
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, module: LoomModule) -> None:
+        if self._stopping:  # the stop ended the epoch (runs before the epoch's own end: a resume runs that)
+            self._finish(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, module: LoomModule, batch: Any, batch_idx: int) -> None:
+        if self._stopping:  # min_epochs / min_steps kept the epoch going past should_stop
+            self._finish(trainer)
+
+    def _finish(self, trainer: Trainer) -> None:
+        assert self._watch is not None
+        if self._validated:  # validation ran after the save (metrics, random state): a resume must see it
+            progress = trainer._progress
+            finished, progress.epoch_finished = progress.epoch_finished, False
+            try:
+                self._save(trainer)
+            finally:
+                progress.epoch_finished = finished
         received = self._watch.signal
-        path = os.path.join(self._folder(trainer), LAST_NAME)
-        trainer.save_checkpoint(path)
-        self.saved_path = path
-        trainer.state.preempted = True
         what = received.name if received is not None else "a preemption signal (on another rank)"
         rank_zero_info(
-            f"PreemptionCheckpoint: {what} received; saved {path!r} at global step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}, batch {batch_idx}); fit stops. Resume with fit(ckpt_path='last')."
+            f"PreemptionCheckpoint: {what} received; saved {self.saved_path!r} at global step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, {trainer._progress.batches_done} batches done); fit stops. Resume "
+            "with fit(ckpt_path='last')."
         )
         if self._watch.requeue():
             rank_zero_info("PreemptionCheckpoint: the SLURM job was requeued.")
         raise FitPreempted
+
+    def _save(self, trainer: Trainer) -> None:
+        path = os.path.join(self._folder(trainer), LAST_NAME)
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        trainer.state.preempted = True
 
     def _folder(self, trainer: Trainer) -> str:
         if self.dirpath is not None:
