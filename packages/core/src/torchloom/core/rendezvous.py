@@ -5,6 +5,11 @@ connect to, so a single-machine job would accept connections from the network. W
 is a loopback one (the default, ``127.0.0.1``), rank 0 binds the listening socket itself to that
 address and hands it to the store (``master_listen_fd``). Any other address is the user's choice of
 a reachable node: torch's own server is used. Workers under torch elastic's agent join the agent's store.
+
+torch elastic's agent (``torchloom run``, the ``popen`` launcher) creates that store itself, with torch's
+server. ``host_agent_store`` hosts the loopback-only server in the agent's process first: the agent's
+store is created ``multi_tenant``, so it shares the server already listening on that port instead of
+opening one on every interface.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import socket
 
 from torch._C._distributed_c10d import TCPStore  # torch.distributed re-exports it, but not for type checkers
 
-__all__ = ["is_loopback", "tcp_store"]
+__all__ = ["host_agent_store", "is_loopback", "tcp_store"]
 
 _hosted: dict[tuple[str, int], TCPStore] = {}  # loopback servers of this process, reused on re-init
 
@@ -43,7 +48,18 @@ def tcp_store(address: str, port: int, rank: int, world_size: int, timeout: date
     return store
 
 
-def _loopback_server(address: str, port: int, world_size: int, timeout: datetime.timedelta) -> TCPStore:
+def host_agent_store(address: str, port: int, timeout: datetime.timedelta) -> TCPStore | None:
+    """In the process of torch elastic's node-0 agent, before it starts: the loopback-only server its store will
+    share (``None`` for another address: torch's server is the user's choice of a reachable node)."""
+    if not is_loopback(address):
+        return None
+    store = _hosted.get((address, port))
+    if store is None:
+        store = _hosted[(address, port)] = _loopback_server(address, port, None, timeout)
+    return store
+
+
+def _loopback_server(address: str, port: int, world_size: int | None, timeout: datetime.timedelta) -> TCPStore:
     host = address.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -55,4 +71,14 @@ def _loopback_server(address: str, port: int, world_size: int, timeout: datetime
         listener.close()
         raise
     # the store owns the socket from here on: detach it, so Python never closes it under the server
-    return TCPStore(host, port, world_size, True, timeout, master_listen_fd=listener.detach())
+    # multi_tenant: later stores of this process on this port (torch elastic's agent's) share this server
+    return TCPStore(
+        host,
+        port,
+        world_size,
+        True,
+        timeout,
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=listener.detach(),
+    )
