@@ -1,11 +1,11 @@
-"""Two DDP ranks on the CPU that get preempted (``python preemption_job.py MODE OUT``).
+"""Two DDP ranks on the CPU that get preempted (``python preemption_job.py MODE OUT``; the ranks re-run it).
 
 Modes (each phase writes ``OUT/<phase>-rank<R>.json``; rank 0 also the weights, ``OUT/<phase>.pt``):
 
-- ``trainer-self SIGNAL``: rank 1 sends itself SIGNAL at global step 5 ("first"), then the same processes
-  resume with ``fit(ckpt_path="last")`` ("resumed") and train a reference run that is never stopped.
+- ``trainer-self``: rank 1 sends itself SIGUSR1 at global step 5 ("first"), then the same processes resume
+  with ``fit(ckpt_path="last")`` ("resumed") and train a reference run that is never stopped. Started as two
+  srun tasks by the test.
 - ``trainer-wait``: slow steps; the test sends SIGTERM to this (launching) process ("first").
-- ``trainer-resume``: "resumed" and "reference" only.
 - ``spawn-wait``: as ``trainer-wait`` under ``ddp_spawn``; this process writes ``OUT/parent.json``.
 - ``fabric``: the same story with a hand-written Fabric loop and ``Preemption``.
 """
@@ -76,23 +76,24 @@ def fabric_run(fabric: Fabric, out: Path, signal_at: int = -1, resume: bool = Fa
     return {"rank": fabric.global_rank, "step": state["step"], "stopped": stopped, "weights": model.state_dict()}
 
 
-def main(mode: str, out: Path, extra: list[str]) -> None:
+def main(mode: str, out: Path) -> None:
     if mode == "trainer-self":
-        fit(out, "first", Net(signal_at=5, signal_name=extra[0], signal_rank=1))
+        fit(out, "first", Net(signal_at=5, signal_name="SIGUSR1", signal_rank=1))
+        fit(out, "resumed", Net(), ckpt_path="last")
+        fit(out, "reference", Net())
     elif mode == "trainer-wait":
         fit(out, "first", Net(step_seconds=0.3, marker=str(out / "training")))
     elif mode == "spawn-wait":
         fit(out, "first", Net(step_seconds=0.3, marker=str(out / "training")), strategy="ddp_spawn")
-    if mode in ("trainer-self", "trainer-resume"):
-        fit(out, "resumed", Net(), ckpt_path="last")
-        fit(out, "reference", Net())
-    if mode == "fabric":
+    elif mode == "fabric":
         fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
         fabric.launch()  # here the launching process becomes the agent of two workers that re-run this script
         for phase, kwargs in (("first", {"signal_at": 5}), ("resumed", {"resume": True}), ("reference", {})):
             run = fabric_run(fabric, out, **kwargs)
             record(out, phase, run.pop("rank"), run.pop("weights"), **run)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1], Path(sys.argv[2]))

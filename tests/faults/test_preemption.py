@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.processes import explain, job_env, run_python
+from torchloom.core.environments import find_free_port
 from torchloom.core.errors import ConfigurationError
 from torchloom.core.preemption import PreemptionWatch, RequeueError
 from torchloom.trainer import LoomModule, Trainer
@@ -232,21 +233,52 @@ def weights(out: Path, phase: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def run_as_srun_tasks(
+    out: Path, *args: str, env: dict[str, str], timeout: float
+) -> list[subprocess.CompletedProcess[str]]:
+    """Starts the job twice with the variables ``srun --ntasks-per-node=2`` gives its tasks (one step of job 9001)."""
+    port = str(find_free_port())
+    processes = []
+    for rank in (0, 1):
+        task = {"SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0"}
+        task.update(SLURM_STEP_ID="0", SLURM_JOB_ID="9001", SLURM_JOB_NAME="train", SLURM_NTASKS_PER_NODE="2")
+        task.update(SLURM_NNODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [sys.executable, str(JOB), *args, str(out)]
+        processes.append(
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **task},
+                start_new_session=True,
+            )
+        )  # fmt: skip
+    finished = []
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            finished.append(subprocess.CompletedProcess(process.args, process.returncode, output, ""))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+    return finished
+
+
 @pytest.mark.slow
-def test_two_ranks_stop_together_when_one_gets_slurms_warning_and_resume_exactly(tmp_path: Path) -> None:
-    """Only rank 1 receives SIGUSR1 (``--signal=USR1@90``): both ranks save at the same step and exit 0, rank 0
-    (which got no signal) requeues the job once, and fit(ckpt_path="last") ends on the uninterrupted weights."""
+def test_two_srun_tasks_stop_together_when_one_gets_slurms_warning_and_resume_exactly(tmp_path: Path) -> None:
+    """Two srun tasks (SLURMEnvironment); only rank 1 receives SIGUSR1 (``--signal=USR1@90``): both save at the same
+    step and exit 0, rank 0 (which got no signal) requeues the job once, and fit(ckpt_path="last") ends on the
+    weights of a run that was never stopped."""
     log = fake_scontrol(tmp_path / "bin")
-    env = job_env(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="9001")
-    process = run_python(JOB, "trainer-self", str(tmp_path), "SIGUSR1", timeout=240, env=env)
-    assert process.returncode == 0, explain(process)
+    env = job_env(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    tasks = run_as_srun_tasks(tmp_path, "trainer-self", env=env, timeout=240)
+    assert [task.returncode for task in tasks] == [0, 0], "\n".join(explain(task) for task in tasks)
     assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "first")] == [(True, 6), (True, 6)]
     assert log.read_text() == "requeue 9001\n"
     assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "resumed")] == [(False, 16), (False, 16)]
     assert_same_weights(weights(tmp_path, "resumed"), weights(tmp_path, "reference"))
-    assert not all(
-        torch.equal(a, b) for a, b in zip(weights(tmp_path, "first").values(), weights(tmp_path, "reference").values())
-    )
+    first, reference = weights(tmp_path, "first"), weights(tmp_path, "reference")
+    assert not all(torch.equal(first[key], reference[key]) for key in first)
 
 
 def sigterm_when_training(mode: str, out: Path) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -261,13 +293,16 @@ def sigterm_when_training(mode: str, out: Path) -> tuple[subprocess.CompletedPro
         while not (out / "training").exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         sent = time.monotonic()
+        training = (out / "training").exists()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-    return subprocess.CompletedProcess(command, process.returncode, output, ""), time.monotonic() - sent
+    finished = subprocess.CompletedProcess(command, process.returncode, output, "")
+    assert training, f"the job never started training\n{explain(finished)}"
+    return finished, time.monotonic() - sent
 
 
 @pytest.mark.slow
@@ -280,7 +315,7 @@ def test_sigterm_to_the_elastic_agent_reaches_the_workers_which_save_and_stop(tm
     assert all(r["preempted"] for r in first) and first[0]["global_step"] == first[1]["global_step"], explain(process)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == first[0]["global_step"] and 3 <= saved["global_step"] < 16
-    assert "PreemptionCheckpoint: SIGTERM received" in process.stdout and seconds < 10, explain(process)
+    assert "PreemptionCheckpoint: SIGTERM received" in process.stdout and seconds < 30, explain(process)
     assert process.returncode == 1 and "SignalException" in process.stdout, explain(process)
 
 
@@ -293,7 +328,7 @@ def test_sigterm_to_the_spawn_parent_is_forwarded_and_fit_returns_preempted(tmp_
     parent = json.loads((tmp_path / "parent.json").read_text())
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert parent["preempted"] and saved["global_step"] == parent["global_step"] and saved["global_step"] < 16
-    assert seconds < 10, explain(process)
+    assert seconds < 30, explain(process)  # no hang: measured 3-4 s
 
 
 @pytest.mark.slow
