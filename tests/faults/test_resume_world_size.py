@@ -271,3 +271,6 @@ def test_the_loader_names_its_resumable_sampler_and_the_share_of_a_batch() -> No
     assert resumable_sampler(DataLoader(IdStream(), batch_size=BATCH)) is None
     own = DataLoader(Ids(), batch_size=BATCH, sampler=DistributedSampler(Ids(), 2, 1))
     assert resumable_sampler(prepare_dataloader(own, split, 1)) is None  # the user's own: not re-split
+    generator = torch.Generator().manual_seed(2)  # one process shuffles with it; no checkpoint holds its state
+    drawn = DataLoader(Ids(), batch_size=BATCH, shuffle=True, generator=generator)
+    assert resumable_sampler(prepare_dataloader(drawn, {"num_replicas": 1, "rank": 0}, 0, keep_draws=True)) is None

@@ -152,14 +152,15 @@ def distributed_sampler(
 def resumable_sampler(dataloader: Any) -> tuple[ResumableDistributedSampler, int] | None:
     """The loader's sampler that can begin an epoch part-way, and how many of its positions one batch takes.
 
-    ``None`` when the loader has none (an iterable dataset, a sampler of the user's own): such a
-    loader's epoch can only be fast-forwarded batch by batch, on the same number of ranks.
+    ``None`` when the loader has none (an iterable dataset, a sampler of the user's own, a shuffle
+    drawn from a generator of the user's own, which no checkpoint holds and more ranks would not use):
+    such a loader's epoch can only be fast-forwarded batch by batch, on the same number of ranks.
     """
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     if isinstance(batch_sampler, ResumableDistributedSampler):  # a wrapped batch sampler: positions are batches
         return batch_sampler, 1
     sampler = getattr(dataloader, "sampler", None)
-    if not isinstance(sampler, ResumableDistributedSampler):
+    if not isinstance(sampler, ResumableDistributedSampler) or getattr(sampler.draw, "generator", None) is not None:
         return None
     if batch_sampler is None:  # batch_size=None: one sample per batch
         return sampler, 1
