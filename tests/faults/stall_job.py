@@ -3,8 +3,9 @@
 PRODUCT: ``fabric`` (a hand-written loop) or ``trainer``. SCENARIO, at step ``STALL_STEP``:
 ``stall``: rank 1 sleeps for an hour before its backward (Fabric) / inside training_step (Trainer);
 ``slow``: both ranks sleep ``SLOW_S``, longer than the stall timeout (no stall: nobody waits for anybody);
-``off``: ``stall_timeout=None``, no sleep. Workers print ``WATCHDOG rank=R threads=N`` (the watchdog threads
-alive at the first step) and ``DONE rank=R`` when they finish.
+``off``: ``stall_timeout=None``, no sleep. The Trainer's ``slow`` job fits again with ``off`` afterwards, in the
+same workers (a launch spared). Workers print ``WATCHDOG rank=R threads=N`` (the watchdog threads
+alive at the first step) and ``DONE scenario=S rank=R threads_after=N`` after each run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def watchdog_threads() -> int:
 def act(scenario: str, step: int, rank: int) -> None:
     """Reports the watchdog at the first step; stalls or slows down at ``STALL_STEP`` as the scenario says."""
     if step == 0:
-        print(f"WATCHDOG rank={rank} threads={watchdog_threads()}", flush=True)
+        print(f"WATCHDOG scenario={scenario} rank={rank} threads={watchdog_threads()}", flush=True)
     if step != STALL_STEP:
         return
     if scenario == "stall" and rank == 1:
@@ -96,5 +97,6 @@ def run_trainer(scenario: str) -> int:
 
 if __name__ == "__main__":
     product, scenario = sys.argv[1], sys.argv[2]
-    rank = run_fabric(scenario) if product == "fabric" else run_trainer(scenario)
-    print(f"DONE rank={rank} threads_after={watchdog_threads()}", flush=True)
+    for run in [scenario, "off"] if (product, scenario) == ("trainer", "slow") else [scenario]:
+        rank = run_fabric(run) if product == "fabric" else run_trainer(run)
+        print(f"DONE scenario={run} rank={rank} threads_after={watchdog_threads()}", flush=True)

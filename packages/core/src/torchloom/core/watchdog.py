@@ -186,7 +186,7 @@ def find_stall(beats: Mapping[int, Heartbeat | None], now: float, stall_timeout:
 def _where(beat: Heartbeat, now: float) -> str:
     idle = now - beat.moved
     if beat.label is None:
-        return f"has made no strategy call yet ({idle:.0f} s since it started)"
+        return f"had made no strategy call ({idle:.0f} s after its start)"
     if beat.inside:
         return f"is in '{beat.label}' (call {beat.calls}) for {idle:.0f} s"
     return f"left '{beat.label}' (call {beat.calls}) {idle:.0f} s ago and reached no strategy call since"
@@ -200,8 +200,11 @@ def describe_stall(stall: Stall, beats: Mapping[int, Heartbeat | None], now: flo
         if beat is None:
             lines.append(f"  rank {r} never published a heartbeat (its watchdog did not start, or it never joined)")
             continue
-        frozen = f"; its heartbeat stopped {now - beat.beat:.0f} s ago (process frozen or gone)"
-        lines.append(f"  rank {r} did not arrive: it {_where(beat, now)}{frozen if r in stall.frozen else ''}")
+        if r in stall.frozen:  # what it said last, before it stopped running Python
+            frozen = f"its heartbeat stopped {now - beat.beat:.0f} s ago (process frozen or gone); last heard, it"
+            lines.append(f"  rank {r} did not arrive: {frozen} {_where(beat, beat.beat)}")
+        else:
+            lines.append(f"  rank {r} did not arrive: it {_where(beat, now)}")
     for r in stall.waiting:
         beat = beats[r]
         assert beat is not None
