@@ -55,7 +55,17 @@ def test_the_rank_with_fewer_calls_is_named_once_a_peer_waited_the_timeout() -> 
     message = describe_stall(stall, beats, NOW, rank=0)
     assert "rank(s) [1] did not arrive" in message
     assert "rank 1 did not arrive: it left 'optimizer_step' (call 7) 21 s ago" in message
-    assert "rank 0 arrived and waits: it is in 'backward' (call 8) for 20 s" in message
+    assert "ranks [0, 2] arrived and wait; the longest, rank 0, is in 'backward' (call 8) for 20 s" in message
+
+
+def test_a_large_job_is_described_in_a_few_lines() -> None:
+    beats: dict[int, Heartbeat | None] = {r: beat(8, idle=20 + r % 3) for r in range(512)}
+    beats[7] = beat(7, "optimizer_step", inside=False)
+    stall = find_stall(beats, NOW, TIMEOUT)
+    assert stall is not None and stall.late == [7]
+    message = describe_stall(stall, beats, NOW, rank=0)
+    assert "rank(s) [7] did not arrive" in message and len(message.splitlines()) == 4, message
+    assert "ranks [0-6, 8-511] arrived and wait; the longest, rank 2, is in 'backward' (call 8) for 22 s" in message
 
 
 def test_ranks_slow_alike_are_no_stall() -> None:
@@ -96,8 +106,24 @@ def test_marks_count_calls_and_restore_the_stack_after_an_error() -> None:
     strategy.all_reduce(1.0)  # no process group: returns its input, still a marked call
     assert (progress.calls, progress.last, progress.stack) == (before + 1, "all_reduce", [])
     with pytest.raises(RuntimeError, match="broken barrier"):
-        strategy.barrier()
-    assert (progress.calls, progress.last, progress.stack) == (before + 2, "barrier", [])
+        strategy.barrier("prepare_data")
+    assert (progress.calls, progress.last, progress.stack) == (before + 2, "barrier('prepare_data')", [])
+
+
+def test_a_rank_inside_nested_calls_reports_the_innermost_it_is_in() -> None:
+    seen: list[tuple[int, str | None, bool, float]] = []
+
+    class Saving(DDPStrategy):
+        def barrier(self, name: str | None = None) -> None:
+            seen.append(progress.snapshot())
+
+        def save_checkpoint(self, path: Any, state: Any, filter: Any = None) -> None:
+            self.barrier()  # e.g. waits for rank 0's write
+            seen.append(progress.snapshot())
+
+    Saving(stall_timeout=None).save_checkpoint("unused", {})
+    assert [(label, inside) for _, label, inside, _ in seen] == [("barrier", True), ("save_checkpoint", True)]
+    assert seen[1][0] == seen[0][0] and progress.snapshot()[1:3] == ("barrier", False)
 
 
 # ---------------------------------------------------------------- the thread, on a real store

@@ -101,19 +101,25 @@ class Progress:
         self.moved = time.monotonic()  # when it last entered or left one
 
     def snapshot(self) -> tuple[int, str | None, bool, float]:
-        """(calls, last call entered, whether still inside a marked call, monotonic time it last moved)."""
-        return self.calls, self.last, bool(self.stack[-1:]), self.moved
+        """(calls, the innermost call it is in or else the last it entered, whether inside one, when it last moved)."""
+        inner = self.stack[-1:]  # one read: the main thread may pop meanwhile
+        return self.calls, inner[0] if inner else self.last, bool(inner), self.moved
 
 
 progress = Progress()  # one per process: the watchdog watches the process, whichever strategy made the calls
 
 
 def _marked(label: str, method: F) -> F:
+    named = label == "barrier"  # barrier(name): the name says which sync point ('prepare_data', ...)
+
     @functools.wraps(method)
     def marked(*args: Any, **kwargs: Any) -> Any:
+        here = label
+        if named and (name := kwargs.get("name", args[1] if len(args) > 1 else None)):
+            here = f"{label}({name!r})"
         progress.calls += 1
-        progress.last = label
-        progress.stack.append(label)
+        progress.last = here
+        progress.stack.append(here)
         progress.moved = time.monotonic()
         try:
             return method(*args, **kwargs)
@@ -141,8 +147,8 @@ class Heartbeat:
     """One rank's published progress. Times are wall-clock seconds (``time.time()``) of the rank that wrote it."""
 
     calls: int
-    label: str | None  # the last marked call it entered
-    inside: bool  # still inside that call
+    label: str | None  # the innermost marked call it is in, else the last it entered (None: none yet)
+    inside: bool  # whether it is inside that call
     moved: float  # when it last entered or left a marked call
     beat: float  # when it published this
     done: bool = False  # its watchdog stopped at teardown: it left the job on purpose
@@ -186,29 +192,52 @@ def find_stall(beats: Mapping[int, Heartbeat | None], now: float, stall_timeout:
 def _where(beat: Heartbeat, now: float) -> str:
     idle = now - beat.moved
     if beat.label is None:
-        return f"had made no strategy call ({idle:.0f} s after its start)"
+        return f"made no strategy call yet ({idle:.0f} s after its start)"
     if beat.inside:
         return f"is in '{beat.label}' (call {beat.calls}) for {idle:.0f} s"
     return f"left '{beat.label}' (call {beat.calls}) {idle:.0f} s ago and reached no strategy call since"
 
 
+def _span(ranks: list[int]) -> str:
+    """``[0, 2-5, 9]``: a thousand ranks fit on a line."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return "[" + ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs) + "]"
+
+
+_MAX_LATE_LINES = 16
+
+
 def describe_stall(stall: Stall, beats: Mapping[int, Heartbeat | None], now: float, rank: int) -> str:
     """The message naming who did not arrive and where the others wait, as rank ``rank`` sees it."""
-    lines = [f"torchloom stall watchdog (on rank {rank}): rank(s) {stall.late} did not arrive."]
-    for r in stall.late:
+    lines = [f"torchloom stall watchdog (on rank {rank}): rank(s) {_span(stall.late)} did not arrive."]
+    for r in stall.late[:_MAX_LATE_LINES]:
         beat = beats.get(r)
         if beat is None:
             lines.append(f"  rank {r} never published a heartbeat (its watchdog did not start, or it never joined)")
-            continue
-        if r in stall.frozen:  # what it said last, before it stopped running Python
+        elif r in stall.frozen:  # what it said last, before it stopped running Python
             frozen = f"its heartbeat stopped {now - beat.beat:.0f} s ago (process frozen or gone); last heard, it"
             lines.append(f"  rank {r} did not arrive: {frozen} {_where(beat, beat.beat)}")
         else:
             lines.append(f"  rank {r} did not arrive: it {_where(beat, now)}")
+    if len(stall.late) > _MAX_LATE_LINES:
+        lines.append(f"  ... and {len(stall.late) - _MAX_LATE_LINES} more")
+    groups: dict[tuple[int, str | None, bool], list[int]] = {}  # the waiting ranks, by where they wait
     for r in stall.waiting:
         beat = beats[r]
         assert beat is not None
-        lines.append(f"  rank {r} arrived and waits: it {_where(beat, now)}")
+        groups.setdefault((beat.calls, beat.label, beat.inside), []).append(r)
+    for ranks in groups.values():
+        longest = min(ranks, key=lambda r: beats[r].moved)  # type: ignore[union-attr]
+        where = _where(beats[longest], now)  # type: ignore[arg-type]
+        if len(ranks) == 1:
+            lines.append(f"  rank {longest} arrived and waits: it {where}")
+        else:
+            lines.append(f"  ranks {_span(ranks)} arrived and wait; the longest, rank {longest}, {where}")
     if rank in stall.late:
         whose = "This rank is one that did not arrive: its main thread's stack below shows where it is."
     else:
