@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -344,13 +345,20 @@ class StallWatchdog:
             return
 
 
-def watch_default_group(stall_timeout: datetime.timedelta) -> StallWatchdog:
-    """A started watchdog for this process's default process group, on its own client of the group's store."""
+def watch_default_group(stall_timeout: datetime.timedelta) -> StallWatchdog | None:
+    """A started watchdog for this process's default process group, on its own client of the group's store.
+
+    ``None`` (with a warning) when the group has no store to share: MPI's runtime meets without one.
+    """
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store
 
     default: Any = _get_default_store()  # torch's stubs lack Store.clone
-    store = default.clone()  # the main thread's store may be busy: a clone is this thread's own connection
+    try:
+        store = default.clone()  # the main thread's store may be busy: a clone is this thread's own connection
+    except (AttributeError, RuntimeError) as error:
+        warnings.warn(f"The stall watchdog is off: the process group's store cannot be shared ({error}).", stacklevel=2)
+        return None
     store.set_timeout(datetime.timedelta(seconds=_STORE_TIMEOUT_S))
     return StallWatchdog(store, dist.get_rank(), dist.get_world_size(), stall_timeout).start()
 
