@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -79,6 +80,11 @@ class Net(LoomModule):
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
 
 
+def every_step() -> PreemptionCheckpoint:
+    """The ranks agree at every step (the default adapts to the step time), so a test knows the stopping step."""
+    return PreemptionCheckpoint(check_every_n_steps=1)
+
+
 def assert_same_weights(mine: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
     assert mine.keys() == reference.keys()
     for key in mine:
@@ -94,7 +100,7 @@ def reference_weights(root: Path) -> dict[str, torch.Tensor]:
 def test_sigterm_saves_at_the_step_and_last_resumes_exactly(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     module = Net(signal_at=20)
-    trainer = Trainer(default_root_dir=tmp_path / "run", **QUIET)
+    trainer = Trainer(default_root_dir=tmp_path / "run", callbacks=[every_step()], **QUIET)
     trainer.fit(module, loader())
     assert trainer.state.preempted and trainer.global_step == 21  # the step that got the signal, then stop
     assert module.handler_seen != before and signal.getsignal(signal.SIGTERM) == before  # installed, then restored
@@ -126,7 +132,7 @@ def test_a_validation_due_at_the_stopping_step_runs_before_fit_ends(
     """Saved right after the step (in case validation outlasts the grace period), then again after the validation
     due at that step; the resumed run therefore matches, validation's random draws included."""
     kwargs = {**QUIET, "val_check_interval": 1.0 if batches_done == 16 else 0.5}
-    trainer = Trainer(default_root_dir=tmp_path / "run", **kwargs)
+    trainer = Trainer(default_root_dir=tmp_path / "run", callbacks=[every_step()], **kwargs)
     trainer.fit(ValidatedNet(signal_at=signal_at), loader(), val_loader())
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert trainer.state.preempted and saved["loops"]["fit"]["batches_done"] == batches_done
@@ -139,7 +145,7 @@ def test_a_validation_due_at_the_stopping_step_runs_before_fit_ends(
 
 
 def test_min_epochs_does_not_keep_a_preempted_fit_going(tmp_path: Path) -> None:
-    trainer = Trainer(default_root_dir=tmp_path / "run", **{**QUIET, "min_epochs": 2})
+    trainer = Trainer(default_root_dir=tmp_path / "run", callbacks=[every_step()], **{**QUIET, "min_epochs": 2})
     trainer.fit(Net(signal_at=4), loader())
     assert trainer.state.preempted and trainer.global_step == 5
     resumed = Net()
@@ -204,6 +210,24 @@ def test_a_failed_requeue_says_the_checkpoint_is_saved(tmp_path: Path, monkeypat
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         PreemptionCheckpoint(**kwargs)
+
+
+def test_by_default_the_check_adapts_to_about_once_a_second() -> None:
+    """Steps of >= 10 ms: the agreed interval grows (at most doubling) towards 1 s / step time, i.e. <= 100 steps,
+    and a signal is acted on at the first check after it."""
+    watch = PreemptionWatch(Trainer(accelerator="cpu").strategy)
+    intervals = []
+    with watch:
+        for call in range(1, 1000):
+            time.sleep(0.01)
+            if call == 300:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if watch.requested():
+                break
+            intervals.append(watch.check_interval)
+    agreed = [interval for interval, _ in itertools.groupby(intervals)]
+    assert agreed[:4] == [1, 2, 4, 8] and 8 < max(agreed) <= 100, agreed
+    assert 300 <= call <= 300 + intervals[-1] and watch.signal == signal.SIGTERM
 
 
 def test_signal_names_numbers_and_members_are_accepted() -> None:
@@ -273,7 +297,9 @@ def test_two_srun_tasks_stop_together_when_one_gets_slurms_warning_and_resume_ex
     env = job_env(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     tasks = run_as_srun_tasks(tmp_path, "trainer-self", env=env, timeout=240)
     assert [task.returncode for task in tasks] == [0, 0], "\n".join(explain(task) for task in tasks)
-    assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "first")] == [(True, 6), (True, 6)]
+    first_run = results(tmp_path, "first")  # checks at steps 1, 2, 4, then 1-4 steps on: the signal came in step 6
+    assert first_run[0]["preempted"] and first_run[0]["global_step"] in (6, 7, 8), first_run
+    assert [(r["preempted"], r["global_step"]) for r in first_run[1:]] == [(True, first_run[0]["global_step"])]
     assert log.read_text() == "requeue 9001\n"
     assert [(r["preempted"], r["global_step"]) for r in results(tmp_path, "resumed")] == [(False, 16), (False, 16)]
     assert_same_weights(weights(tmp_path, "resumed"), weights(tmp_path, "reference"))
@@ -333,10 +359,12 @@ def test_sigterm_to_the_spawn_parent_is_forwarded_and_fit_returns_preempted(tmp_
 
 @pytest.mark.slow
 def test_fabric_loop_with_preemption_saves_and_resumes_exactly(tmp_path: Path) -> None:
-    """Rank 1 alone gets SIGTERM at step 5: both ranks leave the loop after step 6 with one save; loading it and
-    running on ends on the weights of a loop that was never stopped."""
+    """Rank 1 alone gets SIGTERM in step 6: both ranks leave the loop at the next check with one save; loading it
+    and running on ends on the weights of a loop that was never stopped."""
     process = run_python(JOB, "fabric", str(tmp_path), timeout=240)
     assert process.returncode == 0, explain(process)
-    assert [(r["stopped"], r["step"]) for r in results(tmp_path, "first")] == [(True, 6), (True, 6)]
+    first_run = results(tmp_path, "first")  # checks at steps 1, 2, 4, then 1-4 steps on: the signal came in step 6
+    assert first_run[0]["stopped"] and first_run[0]["step"] in (6, 7, 8), first_run
+    assert [(r["stopped"], r["step"]) for r in first_run[1:]] == [(True, first_run[0]["step"])]
     assert [(r["stopped"], r["step"]) for r in results(tmp_path, "resumed")] == [(False, 24), (False, 24)]
     assert_same_weights(weights(tmp_path, "resumed"), weights(tmp_path, "reference"))

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ __all__ = ["PreemptionWatch", "RequeueError", "check_arguments", "forwarding_sig
 SignalSpec = str | int | signal.Signals
 _UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+_CHECK_SECONDS = 1.0  # adaptive checks: about this far apart
+_MAX_INTERVAL = 1000
 _VALID = (
     "signal names such as 'SIGTERM' or 'USR1', signal numbers, or signal.Signals members "
     "(not SIGKILL or SIGSTOP: those cannot be caught)"
@@ -75,14 +78,19 @@ def _one_signal(item: object) -> signal.Signals | None:
 
 
 def check_arguments(
-    owner: str, *, signals: SignalSpec | Sequence[SignalSpec] | None, check_every_n_steps: int, requeue: bool | None
+    owner: str,
+    *,
+    signals: SignalSpec | Sequence[SignalSpec] | None,
+    check_every_n_steps: int | None,
+    requeue: bool | None,
 ) -> None:
     """Refuses bad ``PreemptionWatch`` arguments with a ``ConfigurationError`` naming ``owner``."""
     if signals is not None:
         parse_signals(signals, owner)
-    if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+    steps = check_every_n_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigurationError(
-            f"{owner}(check_every_n_steps={check_every_n_steps!r}) is not valid. Valid: an int >= 1."
+            f"{owner}(check_every_n_steps={steps!r}) is not valid. Valid: an int >= 1, or None (about once a second)."
         )
     if requeue is not None and not isinstance(requeue, bool):
         raise ConfigurationError(f"{owner}(requeue={requeue!r}) is not valid. Valid: True, False or None.")
@@ -95,10 +103,14 @@ class PreemptionWatch:
     ``SLURMEnvironment`` names another) when the job runs under SLURM. An empty list catches nothing.
 
     ``check_every_n_steps``: how often ``requested()`` asks the other ranks. Each check is one
-    all-reduce of a single value (well under a millisecond over gloo on one machine; with NCCL also a
-    host-device sync that stops the CPU from queueing work ahead of the GPU). Checking every step
-    (the default) reacts within one step, which matters when the grace period is short (30 s by
-    default in Kubernetes and SLURM's KillWait). On one process a check is a flag read.
+    all-reduce of a single value (measured ~1 ms over gloo on a busy 2-core machine, as much as any
+    all-reduce there; with NCCL also a host-device sync that stops the CPU from queueing work ahead of
+    the GPU), too much for every step of a small model. ``None`` (the default) checks about once a
+    second: after each check rank 0 proposes the next interval from the measured step time (at most
+    doubling, at most 1000 steps) and broadcasts it, so the ranks keep checking at the same steps and
+    react within about a second plus a step, well inside the usual grace periods (30 s: Kubernetes,
+    SLURM's KillWait, elastic's agent). An int checks every that many steps. On one process a check
+    is a flag read.
 
     ``requeue``: under SLURM, requeue the job when the stop came from the requeue signal; ``None``
     follows the ``SLURMEnvironment``'s ``auto_requeue`` (``True`` by default).
@@ -109,7 +121,7 @@ class PreemptionWatch:
         strategy: Strategy,
         *,
         signals: SignalSpec | Sequence[SignalSpec] | None = None,
-        check_every_n_steps: int = 1,
+        check_every_n_steps: int | None = None,
         requeue: bool | None = None,
         owner: str = "PreemptionWatch",
     ) -> None:
@@ -130,6 +142,9 @@ class PreemptionWatch:
         self._previous: dict[signal.Signals, Any] = {}
         self._received: signal.Signals | None = None
         self._calls = 0
+        self._next_check = check_every_n_steps or 1  # the call that checks next: the same on every rank
+        self._interval = self._next_check
+        self._last_check: tuple[int, float] | None = None  # (call, time) of the last check
         self._stop = False
         self._requeue_agreed = False
 
@@ -170,13 +185,33 @@ class PreemptionWatch:
         if self._stop:
             return True
         self._calls += 1
-        if self._calls % self.check_every_n_steps:
+        if self._calls < self._next_check:
             return False
         self._stop = self._strategy.reduce_boolean_decision(self._received is not None, all=False)
         if self._stop and self.requeue_enabled and self._job_id:  # the same on every rank: one more vote
             by_requeue_signal = self._received in self._requeue_signals
             self._requeue_agreed = self._strategy.reduce_boolean_decision(by_requeue_signal, all=False)
+        if not self._stop:
+            self._interval = self._next_interval()
+            self._next_check = self._calls + self._interval
         return self._stop
+
+    @property
+    def check_interval(self) -> int:
+        """Steps from the last check to the next one (the same on every rank)."""
+        return self._interval
+
+    def _next_interval(self) -> int:
+        if self.check_every_n_steps is not None:
+            return self.check_every_n_steps
+        now, previous = time.monotonic(), self._last_check
+        self._last_check = (self._calls, now)
+        if previous is None:
+            return 1
+        steps = self._calls - previous[0]
+        per_step = max(now - previous[1], 1e-6) / steps
+        proposal = max(1, min(2 * steps, _MAX_INTERVAL, int(_CHECK_SECONDS / per_step)))
+        return int(self._strategy.broadcast(proposal, 0))  # rank 0's clock decides for all
 
     def requeue(self) -> bool:
         """After the save, on every rank: under SLURM and after the requeue signal, rank 0 requeues the job.

@@ -33,7 +33,7 @@ class Preemption(PreemptionWatch):
         fabric: Fabric,
         *,
         signals: SignalSpec | Sequence[SignalSpec] | None = None,
-        check_every_n_steps: int = 1,
+        check_every_n_steps: int | None = None,
         requeue: bool | None = None,
     ) -> None:
         super().__init__(

@@ -1,7 +1,7 @@
 """PreemptionCheckpoint: on SIGTERM (or SLURM's warning signal) save at the next step and end fit cleanly.
 
 On by default whenever checkpointing is (``enable_checkpointing``): a job that a scheduler stops keeps its
-work. After each optimizer step the ranks agree whether any of them got the signal (core's
+work. About once a second, at an optimizer step, the ranks agree whether any of them got the signal (core's
 ``PreemptionWatch``); if so every rank saves at once through ``trainer.save_checkpoint`` (the full
 checkpoint ``fit(ckpt_path=...)`` resumes exactly, mid-epoch included) to ``last.ckpt`` in the
 ModelCheckpoint's folder, where ``fit(ckpt_path="last")`` looks. A validation due at that step still runs
@@ -44,14 +44,15 @@ class PreemptionCheckpoint(Callback):
 
     ``dirpath``: where ``last.ckpt`` goes; ``None``: the first ModelCheckpoint's folder (needed then).
     ``signals``, ``check_every_n_steps``, ``requeue``: as core's ``PreemptionWatch`` (``signals=None``:
-    SIGTERM, plus SIGUSR1 under SLURM; a check is one all-reduce per optimizer step).
+    SIGTERM, plus SIGUSR1 under SLURM; ``check_every_n_steps=None``: the ranks agree about once a second,
+    one all-reduce each time, counting optimizer steps).
     """
 
     def __init__(
         self,
         dirpath: str | os.PathLike[str] | None = None,
         signals: SignalSpec | Sequence[SignalSpec] | None = None,
-        check_every_n_steps: int = 1,
+        check_every_n_steps: int | None = None,
         requeue: bool | None = None,
     ) -> None:
         if dirpath is not None and (not isinstance(dirpath, (str, os.PathLike)) or os.path.isfile(dirpath)):
