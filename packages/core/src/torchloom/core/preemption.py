@@ -108,9 +108,9 @@ class PreemptionWatch:
     the GPU), too much for every step of a small model. ``None`` (the default) checks about once a
     second: after each check rank 0 proposes the next interval from the measured step time (at most
     doubling, at most 1000 steps) and broadcasts it, so the ranks keep checking at the same steps and
-    react within about a second plus a step, well inside the usual grace periods (30 s: Kubernetes,
-    SLURM's KillWait, elastic's agent). An int checks every that many steps. On one process a check
-    is a flag read.
+    react within about a second plus a step, inside the usual grace periods (30 s in Kubernetes, SLURM's
+    KillWait and torchrun's agent; 10 s under strategy='ddp''s agent, its ``termination_timeout``). An
+    int checks every that many steps. On one process a check is a flag read.
 
     ``requeue``: under SLURM, requeue the job when the stop came from the requeue signal; ``None``
     follows the ``SLURMEnvironment``'s ``auto_requeue`` (``True`` by default).
@@ -141,6 +141,7 @@ class PreemptionWatch:
         self._strategy = strategy
         self._previous: dict[signal.Signals, Any] = {}
         self._received: signal.Signals | None = None
+        self._requeue_seen = False  # a requeue signal came (maybe after another watched one)
         self._calls = 0
         self._next_check = check_every_n_steps or 1  # the call that checks next: the same on every rank
         self._interval = self._next_check
@@ -179,6 +180,7 @@ class PreemptionWatch:
         # a handler may run between any two bytecodes: it only records, the loop acts at the next step
         if self._received is None:
             self._received = signal.Signals(signum)
+        self._requeue_seen = self._requeue_seen or signum in self._requeue_signals
 
     def requested(self) -> bool:
         """Whether to save and stop now; the same answer on every rank. Call it once per step on every rank."""
@@ -189,8 +191,7 @@ class PreemptionWatch:
             return False
         self._stop = self._strategy.reduce_boolean_decision(self._received is not None, all=False)
         if self._stop and self.requeue_enabled and self._job_id:  # the same on every rank: one more vote
-            by_requeue_signal = self._received in self._requeue_signals
-            self._requeue_agreed = self._strategy.reduce_boolean_decision(by_requeue_signal, all=False)
+            self._requeue_agreed = self._strategy.reduce_boolean_decision(self._requeue_seen, all=False)
         if not self._stop:
             self._interval = self._next_interval()
             self._next_check = self._calls + self._interval
