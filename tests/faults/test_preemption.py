@@ -169,15 +169,18 @@ def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
     return folder / "scontrol.log"
 
 
-@pytest.mark.parametrize(("sent", "requeued"), [("SIGUSR1", True), ("SIGTERM", False)])
+@pytest.mark.parametrize(
+    ("sent", "requeue", "requeued"), [("SIGUSR1", None, True), ("SIGTERM", None, False), ("SIGUSR1", False, False)]
+)
 def test_slurm_requeues_after_its_warning_signal_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: str, requeued: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: str, requeue: bool | None, requeued: bool
 ) -> None:
-    """``--signal=USR1@90`` warns before the time limit: save and requeue. SIGTERM may be ``scancel``: no requeue."""
+    """``--signal=USR1@90`` warns before the time limit: save and requeue. SIGTERM may be ``scancel``: no requeue.
+    ``requeue=False`` saves and stops without requeueing."""
     log = fake_scontrol(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    trainer = Trainer(default_root_dir=tmp_path, **QUIET)
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[PreemptionCheckpoint(requeue=requeue)], **QUIET)
     trainer.fit(Net(signal_at=3, signal_name=sent), loader())
     assert trainer.state.preempted and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (log.read_text() if log.exists() else "") == ("requeue 4242\n" if requeued else "")
