@@ -157,7 +157,7 @@ def test_elastic_failure_names_the_root_cause(tmp_path: Path) -> None:
         1: failure(tmp_path, 1, 1, "ValueError: boom", age=0.05),
         2: failure(tmp_path, 2, -signal.SIGTERM),
     }
-    error = subprocess_script._worker_failed(ChildFailedError("train.py", failures))
+    error = subprocess_script.worker_failed_error(ChildFailedError("train.py", failures))
     assert isinstance(error, WorkerFailedError) and error.rank == 1 and error.exitcode == 1
     assert str(error).startswith("Worker with global rank 1 (local rank 1, pid 101) exited with code 1.")
     assert "ValueError: boom" in str(error) and "rank 2 (pid 102) was killed by signal SIGTERM" in str(error)
@@ -166,7 +166,7 @@ def test_elastic_failure_names_the_root_cause(tmp_path: Path) -> None:
         0: failure(tmp_path, 0, 1, "RuntimeError: Connection closed by peer", age=1.0),
         3: failure(tmp_path, 3, -9),
     }
-    error = subprocess_script._worker_failed(ChildFailedError("train.py", killed))
+    error = subprocess_script.worker_failed_error(ChildFailedError("train.py", killed))
     assert error.rank == 3 and error.exitcode == -9 and "killed by signal SIGKILL" in str(error)
     assert "left no traceback" in str(error)
 

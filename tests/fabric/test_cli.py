@@ -207,8 +207,8 @@ def test_run_starts_the_workers_with_the_variables_and_arguments(tmp_path: Path)
 def test_run_exits_with_the_failed_workers_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--accelerator", "cpu", "--devices", "2", str(SCRIPTS / "exit_on_rank_one.py")]) == 3
     error = capsys.readouterr().err
-    assert "exit_on_rank_one.py FAILED" in error
-    assert "exitcode  : 3" in error
+    assert "torchloom run: error: Worker with global rank 1 (local rank 1, pid " in error
+    assert "exited with code 3." in error
 
 
 # --------------------------------------------------------------- Fabric scripts end to end (subprocesses)

@@ -37,22 +37,38 @@ def torchloom_command() -> list[str]:
     return [path]
 
 
-def run_command(command: list[str], timeout: float, **env: str) -> Finished:
-    """Runs ``command`` in a fresh session; past ``timeout`` the whole session (workers too) is killed and the test fails."""
+def run_command(command: list[str], timeout: float, merge_output: bool = False, **env: str) -> Finished:
+    """Runs ``command`` in a fresh session; past ``timeout`` the whole session (workers too) is killed and the test fails.
+
+    ``merge_output``: stderr goes into stdout, in the order the processes wrote it (``Finished.stderr`` is empty)."""
+    stderr_to = subprocess.STDOUT if merge_output else subprocess.PIPE
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(**env), start_new_session=True
+        command, stdout=subprocess.PIPE, stderr=stderr_to, text=True, env=job_env(**env), start_new_session=True
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
+        stderr = stderr or ""
         pytest.fail(f"{' '.join(command)} did not end in {timeout:.0f} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
     ended_at = time.time()
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # a worker left behind would be a hang the test must not hide
-        orphans = True
-    except ProcessLookupError:
-        orphans = False
-    assert not orphans, f"{' '.join(command)} left processes running after it exited\n{stderr[-6000:]}"
+    stderr = stderr or ""
+    left = _left_running(process.pid, grace=10.0)
+    assert not left, f"{' '.join(command)} left processes running after it exited\n{(stdout + stderr)[-6000:]}"
     return Finished(process.returncode, stdout, stderr, ended_at)
+
+
+def _left_running(session: int, grace: float) -> bool:
+    """Whether processes of ``session`` still run ``grace`` seconds after its leader exited (then they are killed).
+
+    Helpers such as multiprocessing's resource tracker exit a moment after the job; a worker left behind does not."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    os.killpg(session, signal.SIGKILL)
+    return True

@@ -138,7 +138,9 @@ def test_without_restarts_the_job_fails_with_the_workers_status(tmp_path: Path) 
     job = run_command([*torchloom_command(), *RUN, "--max-restarts", "0", script, str(tmp_path), "7", "exit"],
                       timeout=CLI_TIMEOUT)  # fmt: skip
     assert job.returncode == 3, job.explain()
-    assert "restart_job.py FAILED" in job.stderr and "exitcode  : 3" in job.stderr, job.explain()
+    error = job.stderr[job.stderr.index("torchloom run: error: ") :]
+    assert error.startswith("torchloom run: error: Worker with global rank 1 (local rank 1, pid "), job.explain()
+    assert "exited with code 3." in error and "rank 0 (pid " in error, job.explain()
     assert _starts(tmp_path) == {"attempt=0 rank=0 start_step=0", "attempt=0 rank=1 start_step=0"}
 
 

@@ -5,7 +5,9 @@
 ``run`` checks the options first (a typo fails at once, naming the valid values), exports them as the
 ``TORCHLOOM_*`` variables that ``FabricConnector`` reads in every worker (the CLI's values win over the
 code's), then starts the workers with ``torch.distributed.run`` in this process, as ``torchrun`` does,
-and exits with the job's status. Options go before SCRIPT; everything after SCRIPT is the script's.
+and exits with the job's status. When the job fails, it prints the worker that failed first with its
+traceback, then the others it stopped, and exits with that worker's code (128 + N for signal N).
+Options go before SCRIPT; everything after SCRIPT is the script's.
 
 Decisions:
 
@@ -191,15 +193,16 @@ def launch(plan: RunPlan) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from torchloom.core.launchers.subprocess_script import worker_failed_error
+
     os.environ.update(plan.env)
     try:
         run(get_args_parser().parse_args(plan.torchrun_args))  # type: ignore[no-untyped-call]
     except ChildFailedError as error:
-        print(error.format_msg(), file=sys.stderr)  # type: ignore[no-untyped-call]
-        _, failure = error.get_first_failure()
-        if failure.exitcode < 0:  # killed by a signal: the shell's convention, 128 + signal number
-            return 128 - failure.exitcode
-        return failure.exitcode or 1
+        failed = worker_failed_error(error)  # the worker that failed first, its traceback, then the others
+        print(f"torchloom run: error: {failed}", file=sys.stderr)
+        exitcode = failed.exitcode or 1
+        return 128 - exitcode if exitcode < 0 else exitcode  # killed by a signal: the shell's 128 + signal number
     return 0
 
 

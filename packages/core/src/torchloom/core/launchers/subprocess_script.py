@@ -32,7 +32,7 @@ from torchloom.core.launchers.launcher import Launcher
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-__all__ = ["SubprocessScriptLauncher", "script_command"]
+__all__ = ["SubprocessScriptLauncher", "script_command", "worker_failed_error"]
 
 _RUN_ID = "torchloom"  # agents on different nodes must agree on it; the store port already isolates jobs
 
@@ -144,7 +144,7 @@ class SubprocessScriptLauncher(Launcher):
         try:
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
-            raise _worker_failed(error) from None
+            raise worker_failed_error(error) from None
 
 
 def _call_recording_errors(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -190,7 +190,9 @@ def _describe(failure: ProcessFailure) -> str:
     return f"exited with code {failure.exitcode}"
 
 
-def _worker_failed(error: ChildFailedError) -> WorkerFailedError:
+def worker_failed_error(error: ChildFailedError) -> WorkerFailedError:
+    """The failure of a job of elastic workers as one error: the worker that failed first, with its traceback, then
+    the others (torch's own summary orders ties in whole seconds by rank, which can name a victim as the cause)."""
     ordered = sorted(error.failures.items(), key=_root_cause_order)
     rank, failure = ordered[0]
     details = failure.message
