@@ -26,6 +26,7 @@ from torchloom.core.strategies.model_parallel import ModelParallelStrategy
 from torchloom.core.strategies.parallel import ParallelStrategy
 from torchloom.core.watchdog import (
     DEFAULT_STALL_TIMEOUT,
+    PATIENT_BARRIERS,
     STALL_EXIT_CODE,
     Heartbeat,
     StallWatchdog,
@@ -70,6 +71,15 @@ def test_a_large_job_is_described_in_a_few_lines() -> None:
 
 def test_ranks_slow_alike_are_no_stall() -> None:
     assert find_stall({0: beat(8, idle=600), 1: beat(8, idle=590)}, NOW, TIMEOUT) is None
+
+
+@pytest.mark.parametrize("barrier", PATIENT_BARRIERS)
+def test_ranks_waiting_on_purpose_for_one_ranks_one_off_work_are_no_stall(barrier: str) -> None:
+    """Rank 0 downloads data for an hour in prepare_data (or under rank_zero_first) while rank 1 waits."""
+    assert find_stall({0: beat(3, label="setup_module", inside=False), 1: beat(4, label=barrier, idle=3600)}, NOW,
+                      TIMEOUT) is None  # fmt: skip
+    stall = find_stall({0: beat(3), 1: beat(4, label="barrier('save_checkpoint')", idle=3600)}, NOW, TIMEOUT)
+    assert stall is not None and stall.late == [0]  # any other sync point is one
 
 
 def test_no_stall_before_the_waiting_rank_waited_the_timeout() -> None:

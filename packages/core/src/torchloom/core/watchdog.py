@@ -35,6 +35,7 @@ from torchloom.core.errors import ConfigurationError, TorchloomError
 __all__ = [
     "DEFAULT_STALL_TIMEOUT",
     "MARKED_CALLS",
+    "PATIENT_BARRIERS",
     "STALL_EXIT_CODE",
     "Heartbeat",
     "Stall",
@@ -64,6 +65,9 @@ MARKED_CALLS = (
     "save_checkpoint",
     "load_checkpoint",
 )
+# sync points where the other ranks wait on purpose while one rank does one-off work of any length (downloads in
+# the Trainer's prepare_data, Fabric's rank_zero_first): waiting there is no stall; the process-group timeout bounds it
+PATIENT_BARRIERS = ("barrier('prepare_data')", "barrier('rank_zero_first')")
 _MAX_INTERVAL_S = 5.0
 _STORE_TIMEOUT_S = 10.0  # one heartbeat read or write; the thread gives up watching past it
 _KEY = "torchloom/watchdog/rank{}"
@@ -184,6 +188,8 @@ def find_stall(beats: Mapping[int, Heartbeat | None], now: float, stall_timeout:
     front = max(b.calls for b in running.values())
     late = sorted(r for r in beats if r not in live or (r in running and running[r].calls < front))
     waiting = sorted(r for r, b in running.items() if b.calls == front)
+    if all(running[r].inside and running[r].label in PATIENT_BARRIERS for r in waiting):
+        return None
     if late and any(now - running[r].moved >= limit for r in waiting):
         frozen = [r for r in late if beats[r] is not None and r not in live]
         return Stall(late=late, frozen=frozen, waiting=waiting)
