@@ -1,9 +1,11 @@
-"""A 2-rank DDP Trainer fit for ``torchloom run``: ``restart_job.py OUT CRASH_STEP MODE``.
+"""A 2-rank DDP Trainer fit for ``torchloom run``: ``restart_job.py OUT CRASH_STEP MODE [FOLDERS]``.
 
 Rank 1 crashes at global step CRASH_STEP (-1: never) on the first attempt only (``TORCHELASTIC_RESTART_COUNT``
 0), by raising (MODE ``raise``) or ``os._exit(3)`` (MODE ``exit``). ModelCheckpoint saves ``last.ckpt`` every 3
 steps. Each attempt appends ``attempt=<restart count> rank=<rank> start_step=<global step at train start>`` to
-``OUT/starts.txt``; rank 0 saves the final weights to ``OUT/final.pt``."""
+``OUT/starts.txt``; rank 0 saves the final weights to ``OUT/final.pt``. FOLDERS ``fixed`` (default): no logger, the
+checkpoints in ``OUT/checkpoints``; ``default``: the default logger and ModelCheckpoint folder (``OUT/torchloom_logs/
+version_N/checkpoints``, a new N for each attempt)."""
 
 from __future__ import annotations
 
@@ -45,12 +47,13 @@ class Regressor(LoomModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def main(out: Path, crash_step: int, mode: str) -> None:
+def main(out: Path, crash_step: int, mode: str, folders: str) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, generator=generator)
     data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4, shuffle=True)
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=3)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False,
+    dirpath = out / "checkpoints" if folders == "fixed" else None
+    checkpoints = ModelCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=3)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=folders != "fixed",
                       default_root_dir=out, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, callbacks=[checkpoints])  # fmt: skip
     module = Regressor(out, crash_step, mode)
@@ -60,4 +63,4 @@ def main(out: Path, crash_step: int, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "fixed")

@@ -133,6 +133,22 @@ def test_a_crashed_rank_is_restarted_and_the_trainer_resumes_from_its_last_check
 
 
 @pytest.mark.slow
+def test_a_restart_finds_the_checkpoint_of_the_failed_attempts_run_folder(tmp_path: Path) -> None:
+    """With the default logger each attempt logs to a new version_N folder, where the default ModelCheckpoint saves:
+    the restarted attempt still resumes from the failed attempt's last.ckpt (its folder was kept in the agent's store)."""
+    script = str(HERE / "restart_job.py")
+    job = run_command(
+        [*torchloom_command(), *RUN, "--max-restarts", "1", script, str(tmp_path), "7", "raise", "default"],
+        timeout=CLI_TIMEOUT,
+    )
+    assert job.returncode == 0, job.explain()
+    last = tmp_path / "torchloom_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"torchloom: restart 1: resuming fit from the last checkpoint {last}" in job.stdout, job.explain()
+    assert "attempt=1 rank=0 start_step=6" in _starts(tmp_path), job.explain()
+    assert (tmp_path / "torchloom_logs" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
 def test_without_restarts_the_job_fails_with_the_workers_status(tmp_path: Path) -> None:
     script = str(HERE / "restart_job.py")
     job = run_command([*torchloom_command(), *RUN, "--max-restarts", "0", script, str(tmp_path), "7", "exit"],
