@@ -141,12 +141,13 @@ def _check_kill_named(case: Case, output: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_a_failing_rank_ends_the_job_and_is_shown_first(case: Case, jobs: Jobs) -> None:
-    finished, _ = jobs.result(case)
+    finished, elapsed = jobs.result(case)
     output = finished.stdout
     explain = f"{case.id}: {finished.explain()}"
     assert finished.returncode != 0, explain
     assert "JOB ENDED WITHOUT FAILING" not in output, explain
     took = finished.ended_at - _injected_at(output)
+    print(f"{case.id}: the job took {elapsed:.1f} s and ended {took:.1f} s after the failure")  # shown by pytest -rP
     assert took < FAILURE_DEADLINE_S, f"the job ended {took:.1f} s after the failure\n{explain}"
     if case.launcher != "torchrun":  # our launchers: WorkerFailedError naming rank 1 (spawn: raised in the parent)
         assert "WorkerFailedError: Worker with global rank 1 " in output, explain
