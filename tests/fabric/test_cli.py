@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,3 +291,19 @@ def test_fabric_script_on_one_gpu() -> None:
     assert status == 0, output
     assert "rank=0 node=0 world=1 sum=1 precision=32-true device=cuda" in output, output
     assert "Fabric(accelerator='cpu') in the code, --accelerator cuda from the CLI: using 'cuda'" in output, output
+
+
+def test_sigterm_to_run_reaches_every_worker_and_exits_with_its_status(tmp_path: Path) -> None:
+    """The agent passes SIGTERM on (a worker watching for preemption saves and stops), says so, and exits
+    128 + 15 without a traceback."""
+    command = [_console_script(), "run", "--devices", "2", str(SCRIPTS / "wait_for_sigterm.py"), str(tmp_path)]
+    process = _start(command)
+    deadline = time.monotonic() + TIMEOUT
+    while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    status, output = _wait(process)
+    assert status == 128 + signal.SIGTERM, output
+    assert all((tmp_path / f"stopped{rank}").exists() for rank in (0, 1)), output
+    assert "torchloom: the launcher received SIGTERM and passed it on to the workers" in output
+    assert "Traceback" not in output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.processes import job_env
 from torchloom.core import distributed
 from torchloom.core.environments.local import find_free_port
 from torchloom.core.rendezvous import is_loopback
@@ -79,3 +82,19 @@ def test_two_ranks_meet_through_a_loopback_only_store(tmp_path: Path) -> None:
     total, addresses = out.read_text().split()
     assert float(total) == 3.0
     assert addresses == "127.0.0.1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["torchloom run", "popen launcher"])
+def test_the_elastic_agents_store_listens_on_loopback_only(tmp_path: Path, how: str) -> None:
+    """torch elastic's agent (``torchloom run``, the ``ddp`` popen launcher) shares the loopback-only server
+    hosted in its process instead of opening one on every interface."""
+    out = tmp_path / "addresses.txt"
+    worker = Path(__file__).with_name("agent_store_worker.py")
+    if how == "torchloom run":
+        command = [sys.executable, "-m", "torchloom.fabric.cli", "run", "--devices", "2", str(worker), str(out)]
+    else:
+        command = [sys.executable, str(worker), str(out), "launcher"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=120, env=job_env())
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert out.read_text() == "127.0.0.1"

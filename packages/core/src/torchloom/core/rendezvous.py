@@ -50,12 +50,15 @@ def tcp_store(address: str, port: int, rank: int, world_size: int, timeout: date
 
 def host_agent_store(address: str, port: int, timeout: datetime.timedelta) -> TCPStore | None:
     """In the process of torch elastic's node-0 agent, before it starts: the loopback-only server its store will
-    share (``None`` for another address: torch's server is the user's choice of a reachable node)."""
+    share (``None`` for another address: torch's server is the user's choice of a reachable node).
+
+    ``port=0``: the kernel picks a free one (no race with other jobs); ``store.port`` tells which."""
     if not is_loopback(address):
         return None
-    store = _hosted.get((address, port))
+    store = _hosted.get((address, port)) if port else None
     if store is None:
-        store = _hosted[(address, port)] = _loopback_server(address, port, None, timeout)
+        store = _loopback_server(address, port, None, timeout)
+        _hosted[(address, store.port)] = store
     return store
 
 

@@ -23,7 +23,10 @@ Decisions:
 - Strategies that start their own processes (spawn / fork / notebook, XLA) and the ``tpu``
   accelerator (torch-xla starts its own processes) are refused.
 - Rendezvous is static: node ``--node-rank 0`` hosts it at ``--main-address:--main-port``. On one node
-  without ``--main-port`` torch picks a free port; on several nodes the port defaults to 29500.
+  without ``--main-port`` the kernel picks a free port; on several nodes the port defaults to 29500. On a
+  loopback address (the default) the store listens on that address only.
+- Signals: SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 are passed on to the workers (which save and stop
+  when they watch for preemption); ``run`` then exits with 128 + the signal's number.
 - ``--max-restarts N`` (default 0): when a worker fails, torch's elastic agent stops the others and starts
   them all again, up to N times; each new attempt sees ``TORCHELASTIC_RESTART_COUNT`` 1, 2, ... (a Trainer
   ``fit`` then resumes from its last complete checkpoint). The job fails once the restarts are used up.
@@ -32,6 +35,7 @@ Decisions:
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import os
 import sys
@@ -46,6 +50,7 @@ __all__ = ["RunPlan", "build_parser", "launch", "main", "plan_run", "script_stra
 
 _SELF_LAUNCHING = ("spawn", "fork", "notebook")  # start methods whose strategies start their own workers
 DEFAULT_MULTI_NODE_PORT = 29500  # torchrun's default
+_STORE_TIMEOUT = datetime.timedelta(seconds=600)  # torch's static rendezvous default
 
 
 @dataclass(frozen=True)
@@ -190,14 +195,25 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
 
 def launch(plan: RunPlan) -> int:
     """Exports ``plan.env`` and runs the job in this process with ``torch.distributed.run``; the exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from torchloom.core.launchers.subprocess_script import worker_failed_error
+    from torchloom.core.launchers.subprocess_script import SIGNALS_TO_FORWARD, signal_exit, worker_failed_error
+    from torchloom.core.rendezvous import host_agent_store
 
     os.environ.update(plan.env)
+    args = get_args_parser().parse_args(plan.torchrun_args)
+    args.signals_to_handle = SIGNALS_TO_FORWARD
+    if args.node_rank == 0:  # a loopback-only store for the agent (torch's own listens on every interface)
+        store = host_agent_store(args.master_addr, args.master_port or 0, _STORE_TIMEOUT)
+        if store is not None and args.master_port is None:
+            args.master_port = store.port  # the kernel's free port, already held: no race with other jobs
     try:
-        run(get_args_parser().parse_args(plan.torchrun_args))  # type: ignore[no-untyped-call]
+        run(args)  # type: ignore[no-untyped-call]
+    except SignalException as signalled:
+        grace = args.shutdown_timeout or int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))  # torch's rule
+        return signal_exit(signalled.sigval, grace)
     except ChildFailedError as error:
         failed = worker_failed_error(error)  # the worker that failed first, its traceback, then the others
         print(f"torchloom run: error: {failed}", file=sys.stderr)

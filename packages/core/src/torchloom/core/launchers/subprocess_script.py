@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,16 @@ from typing_extensions import override
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import ConfigurationError, WorkerFailedError
 from torchloom.core.launchers.launcher import Launcher
+from torchloom.core.rendezvous import host_agent_store
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-__all__ = ["SubprocessScriptLauncher", "script_command", "worker_failed_error"]
+__all__ = ["SIGNALS_TO_FORWARD", "SubprocessScriptLauncher", "script_command", "signal_exit", "worker_failed_error"]
 
+# torch's default set plus SIGUSR1 (SLURM's usual warning before a deadline): the agent passes them on to the
+# workers instead of dying of SIGUSR1's default action and leaving them running
+SIGNALS_TO_FORWARD = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _RUN_ID = "torchloom"  # agents on different nodes must agree on it; the store port already isolates jobs
 
 
@@ -120,6 +125,7 @@ class SubprocessScriptLauncher(Launcher):
         return function(*args, **kwargs)
 
     def _run_agent(self, command: list[str]) -> None:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -129,6 +135,8 @@ class SubprocessScriptLauncher(Launcher):
         environment = self.cluster_environment
         address = environment.main_address
         host = f"[{address}]" if ":" in address else address
+        if environment.node_rank() == 0:  # on a loopback address the agent's store then listens there only
+            host_agent_store(address, environment.main_port, self.timeout)
         config = LaunchConfig(
             min_nodes=self.num_nodes,
             max_nodes=self.num_nodes,
@@ -140,11 +148,26 @@ class SubprocessScriptLauncher(Launcher):
             max_restarts=self.max_restarts,
             monitor_interval=self.monitor_interval,
             shutdown_timeout=self.termination_timeout,
+            signals_to_handle=SIGNALS_TO_FORWARD,
         )
         try:
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
             raise worker_failed_error(error) from None
+        except SignalException as signalled:
+            sys.exit(signal_exit(signalled.sigval, self.termination_timeout))
+
+
+def signal_exit(received: int, grace_s: float | None) -> int:
+    """Says what the agent did with a signal it received (passed it on; workers had ``grace_s`` to save and stop,
+    e.g. at a preemption) and returns the shell's status for a death by it, 128 + its number."""
+    name = signal.Signals(received).name
+    print(
+        f"torchloom: the launcher received {name} and passed it on to the workers, which had {grace_s} s to save and "
+        "stop before SIGKILL (a Trainer saves a checkpoint on SIGTERM at its next step).",
+        file=sys.stderr,
+    )
+    return 128 + int(received)
 
 
 def _call_recording_errors(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
