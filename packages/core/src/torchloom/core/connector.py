@@ -203,6 +203,10 @@ class Connector:
             order = AUTO_ACCELERATOR_ORDER if name == "auto" else ("mps", "cuda")
             name = next((n for n in order if _is_available(n)), name)
         if name in ("auto", "gpu") or not _is_available(name):
+            if name not in ("auto", "gpu"):  # an accelerator that can say why (XLA: torch-xla missing, no device)
+                explain: Callable[[], object] | None = getattr(ACCELERATORS.factory(name), "explain_unavailable", None)
+                if callable(explain):
+                    explain()
             raise _unavailable(arg if name in ("auto", "gpu") else name)
         accelerator = ACCELERATORS.get(name)
         if not isinstance(accelerator, Accelerator):
@@ -292,7 +296,9 @@ def _build_strategy(arg: str | Strategy, devices: list[torch.device], num_nodes:
 
 def _build_precision(spec: Precision | str, device_type: str) -> Precision:
     if isinstance(spec, str):
-        kwargs = {"device_type": device_type} if _accepts(PRECISIONS.factory(spec), "device_type") else {}
+        # autocast on XLA is XLAPrecision's (the XLA strategies swap it in, adapt_precision); build by name only
+        takes_device = device_type != "xla" and _accepts(PRECISIONS.factory(spec), "device_type")
+        kwargs = {"device_type": device_type} if takes_device else {}
         precision = PRECISIONS.get(spec, **kwargs)
         if not isinstance(precision, Precision):
             raise ConfigurationError(

@@ -197,5 +197,10 @@ _DEEPSPEED_NAMES: tuple[tuple[str, dict[str, Any], str], ...] = (
         "ZeRO stage 3, optimizer state and parameters on the CPU",
     ),
 )
+STRATEGIES.register(
+    "single_xla",
+    f"{_P}.strategies.single_xla:SingleDeviceXLAStrategy",
+    description="one XLA device (TPU core, or XLA on the CPU), one process",
+)
 for _name, _kwargs, _what in _DEEPSPEED_NAMES:
     STRATEGIES.register(_name, f"{_P}.strategies.deepspeed:DeepSpeedStrategy", description=_what, **_kwargs)

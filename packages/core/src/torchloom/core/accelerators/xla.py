@@ -8,24 +8,68 @@ the accepted ``devices`` specs are:
 - one index ``[i]`` or ``"i,"``: only device ``i``.
 
 torch-xla is optional: nothing here imports it until a device count or memory figure is needed, and
-then a missing install raises ``MissingDependencyError`` with the ``pip install`` line. Counting
-devices does not start the XLA runtime, so torch-xla's launcher can still start the workers after.
+then a missing install raises ``MissingDependencyError`` with the ``pip install`` line. Each torch-xla
+wheel works with exactly one torch minor version (it does not say so in its metadata; a mismatch fails
+at import with an undefined symbol), so ``import_torch_xla`` compares the two before importing and
+names the versions that match. Counting devices does not start the XLA runtime, so torch-xla's
+launcher can still start the workers after.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
 from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator, DeviceSpec, invalid_devices, normalize_device_spec
-from torchloom.core.errors import ConfigurationError
-from torchloom.core.utils.imports import is_available, require
+from torchloom.core.errors import ConfigurationError, MissingDependencyError
+from torchloom.core.utils.imports import is_available
 
-__all__ = ["XLAAccelerator"]
+__all__ = ["TorchXLAMissingError", "XLAAccelerator", "import_torch_xla"]
+
+_INSTALL = "pip install 'torchloom-core[xla]'"  # the extra pins torch-xla together with its torch
+
+
+class TorchXLAMissingError(MissingDependencyError, ConfigurationError):
+    """torch-xla is not installed, or is built for another torch: a missing dependency, and at the same time a
+    setting (``accelerator='tpu'``, an XLA strategy) this environment cannot run, so code that handles either
+    kind of error handles it."""
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def import_torch_xla(module: str, feature: str) -> ModuleType:
+    """Imports ``module`` (``torch_xla`` or one of its submodules) for ``feature``.
+
+    Raises ``TorchXLAMissingError`` (a ``MissingDependencyError``) when torch-xla is not installed, or is built for another torch
+    minor version than this process runs (both messages name the matching versions and the install line).
+    """
+    torch_version = torch.__version__.split("+")[0]
+    if not is_available("torch_xla"):
+        raise TorchXLAMissingError(
+            f"{feature} needs the package 'torch_xla' (torch-xla), which is not installed. Run: {_INSTALL}, which "
+            f"installs torch-xla with the torch it is built for (torch-xla 2.9 needs torch 2.9.x; this environment "
+            f"has torch {torch_version})."
+        )
+    try:
+        xla_version = importlib.metadata.version("torch-xla")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout: trust it
+        xla_version = None
+    if xla_version is not None and _minor(xla_version) != _minor(torch_version):
+        raise TorchXLAMissingError(
+            f"{feature} needs a torch-xla built for this torch: torch-xla {xla_version} is installed, which works "
+            f"only with torch {_minor(xla_version)}.x, but this environment has torch {torch_version}. Install a "
+            f"matching pair: pip install torch=={_minor(xla_version)}.* torch-xla=={xla_version}, or {_INSTALL}."
+        )
+    return importlib.import_module(module)
+
 
 _ACCEPTED = "1 (one device), 'auto' or -1 or the device count (all devices), or a single index such as [2] or '2,'"
 
@@ -41,6 +85,7 @@ class XLAAccelerator(Accelerator):
     def is_available() -> bool:
         if not is_available("torch_xla"):
             return False
+        import_torch_xla("torch_xla", "The 'tpu' (XLA) accelerator")  # an installed but broken torch-xla is loud
         try:
             return XLAAccelerator.auto_device_count() > 0
         except (OSError, ValueError):  # e.g. no TPU metadata server off Google Cloud
@@ -50,16 +95,26 @@ class XLAAccelerator(Accelerator):
     @override
     def auto_device_count() -> int:
         """Devices on this host, found from the environment and PCI, without starting the runtime."""
-        require("torch_xla", "The 'tpu' (XLA) accelerator")
+        import_torch_xla("torch_xla", "The 'tpu' (XLA) accelerator")
         device_type = os.environ.get("PJRT_DEVICE", "TPU").upper()
         if device_type == "CPU":
             return int(os.environ.get("CPU_NUM_DEVICES", "1"))
         if device_type in ("CUDA", "GPU"):
             return int(os.environ.get("GPU_NUM_DEVICES", str(torch.cuda.device_count())))
-        tpu = importlib.import_module("torch_xla._internal.tpu")
+        tpu = import_torch_xla("torch_xla._internal.tpu", "The 'tpu' (XLA) accelerator")
         if tpu.num_available_chips() == 0:
             return 0  # the per-chip core count would query cloud metadata that does not exist here
         return int(tpu.num_available_devices())
+
+    @staticmethod
+    def explain_unavailable() -> None:
+        """Raises the reason this host has no XLA device: torch-xla missing or mismatched, or no device found."""
+        import_torch_xla("torch_xla", "accelerator='tpu'")
+        raise ConfigurationError(
+            "accelerator='tpu' found no XLA device: this host has no TPU chips and PJRT_DEVICE is "
+            f"{os.environ.get('PJRT_DEVICE')!r}. Valid: run on a TPU host, set PJRT_DEVICE=CPU (with CPU_NUM_DEVICES=n "
+            "for n devices) to run XLA on the CPU, or choose accelerator='cpu' or 'auto'."
+        )
 
     @classmethod
     @override
@@ -99,6 +154,5 @@ class XLAAccelerator(Accelerator):
     @override
     def get_device_stats(self, device: torch.device) -> dict[str, Any]:
         """torch-xla's memory figures for ``device`` (key names vary with the torch-xla version)."""
-        require("torch_xla", "XLA device statistics")
-        xm = importlib.import_module("torch_xla.core.xla_model")
+        xm = import_torch_xla("torch_xla.core.xla_model", "XLA device statistics")
         return dict(xm.get_memory_info(device))

@@ -15,14 +15,15 @@ from typing_extensions import override
 
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import TorchloomError
-from torchloom.core.utils.imports import is_available, require
+from torchloom.core.utils.imports import is_available
 
 __all__ = ["XLAEnvironment"]
 
 
 def _runtime() -> ModuleType:
-    require("torch_xla", "XLAEnvironment")
-    return require("torch_xla.runtime", "XLAEnvironment")
+    from torchloom.core.accelerators.xla import import_torch_xla  # here: importing environments must not load torch
+
+    return import_torch_xla("torch_xla.runtime", "XLAEnvironment")
 
 
 class XLAEnvironment(ClusterEnvironment):

@@ -1,0 +1,114 @@
+"""Clear errors around torch-xla, checked without it: missing, built for another torch, no XLA device, and
+precisions XLA cannot run. These run in every environment (the main one has no torch-xla)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.metadata
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+
+from torchloom.core import Connector
+from torchloom.core.accelerators import xla as xla_accelerator
+from torchloom.core.errors import ConfigurationError, MissingDependencyError
+from torchloom.core.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from torchloom.core.precision.xla import XLAPrecision, as_xla_precision
+
+TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.fixture
+def no_torch_xla(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xla_accelerator, "is_available", lambda module: not module.startswith("torch_xla"))
+
+
+@pytest.fixture
+def torch_xla_without_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in torch_xla that finds no TPU chip, with PJRT_DEVICE unset."""
+
+    def module(name: str, **attributes: Any) -> None:
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+        for key, value in attributes.items():
+            setattr(mod, key, value)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    module("torch_xla")
+    module("torch_xla._internal")
+    module("torch_xla._internal.tpu", num_available_chips=lambda: 0, num_available_devices=lambda: 0)
+    monkeypatch.setattr(xla_accelerator, "is_available", lambda module: True)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: f"{TORCH_MINOR}.0")
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+
+
+@pytest.mark.usefixtures("no_torch_xla")
+@pytest.mark.parametrize("strategy", ["auto", "single_xla"])
+def test_tpu_without_torch_xla_names_the_install_line_and_the_matching_torch(strategy: str) -> None:
+    with pytest.raises(MissingDependencyError) as info:
+        Connector(accelerator="tpu", strategy=strategy).resolve()
+    message = str(info.value)
+    assert "pip install 'torchloom-core[xla]'" in message
+    assert "torch-xla 2.9 needs torch 2.9.x" in message
+    assert f"this environment has torch {torch.__version__.split('+')[0]}" in message
+
+
+@pytest.mark.usefixtures("no_torch_xla")
+def test_auto_skips_the_tpu_when_torch_xla_is_missing() -> None:
+    assert Connector().resolve().accelerator.name != "tpu"
+
+
+def test_torch_xla_built_for_another_torch_says_which_versions_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xla_accelerator, "is_available", lambda module: True)
+    other = "2.9.0" if TORCH_MINOR != "2.9" else "2.8.1"
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: other)
+    with pytest.raises(MissingDependencyError) as info:
+        xla_accelerator.import_torch_xla("torch_xla", "The test")
+    message = str(info.value)
+    assert f"torch-xla {other} is installed, which works only with torch {other[:3]}.x" in message
+    assert f"pip install torch=={other[:3]}.* torch-xla=={other}" in message
+    with pytest.raises(MissingDependencyError, match="works only with torch"):
+        Connector(accelerator="tpu").resolve()
+    with pytest.raises(MissingDependencyError, match="works only with torch"):  # auto must not hide a broken install
+        Connector().resolve()
+
+
+@pytest.mark.usefixtures("torch_xla_without_devices")
+def test_tpu_with_no_xla_device_says_so_and_how_to_use_the_cpu_backend() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Connector(accelerator="tpu").resolve()
+    message = str(info.value)
+    assert "accelerator='tpu' found no XLA device" in message
+    assert "PJRT_DEVICE=CPU" in message
+    assert "accelerator='cpu'" in message
+
+
+BUILT_IN = {"32-true": Precision, "bf16-true": HalfPrecision, "bf16-mixed": MixedPrecision}
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_the_built_in_precisions_become_their_xla_variant(name: str) -> None:
+    built = BUILT_IN[name]() if name == "32-true" else BUILT_IN[name](name)
+    adapted = as_xla_precision(built, "S")
+    assert type(adapted) is XLAPrecision
+    assert adapted.name == name
+    mine = XLAPrecision(name)
+    assert as_xla_precision(mine, "S") is mine
+
+
+@pytest.mark.parametrize("precision", [MixedPrecision("16-mixed"), HalfPrecision("16-true"), DoublePrecision()])
+def test_precisions_xla_cannot_run_are_refused_with_the_valid_ones(precision: Precision) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        as_xla_precision(precision, "SingleDeviceXLAStrategy")
+    message = str(info.value)
+    assert f"SingleDeviceXLAStrategy cannot run precision={precision.name!r}" in message
+    assert "'32-true', 'bf16-true', 'bf16-mixed'" in message
+
+
+@pytest.mark.parametrize("name", ["16-mixed", "bf16", 16, None])
+def test_xla_precision_rejects_other_names(name: Any) -> None:
+    with pytest.raises(ConfigurationError, match="Valid: '32-true', 'bf16-true', 'bf16-mixed'"):
+        XLAPrecision(name)
