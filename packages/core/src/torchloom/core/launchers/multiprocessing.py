@@ -38,6 +38,9 @@ __all__ = ["MultiprocessingLauncher"]
 
 _START_METHODS = ("spawn", "fork", "notebook")  # "notebook" is fork with a CUDA safety check
 _POLL_SECONDS = 0.1
+# once a worker failed, the others get this long to end on their own (the culprit to finish exiting with its own
+# status, its peers to fail out of their collectives) before SIGTERM, and as long again before SIGKILL
+_GRACE_SECONDS = 3.0
 
 
 class MultiprocessingLauncher(Launcher):
@@ -158,7 +161,7 @@ def _join(context: ProcessContext, results: SimpleQueue[Any]) -> Any:
     # Read the result while waiting: a large one fills the pipe and blocks its worker until read.
     result: Any = None
     while True:
-        done = context.join(timeout=_POLL_SECONDS)
+        done = context.join(timeout=_POLL_SECONDS, grace_period=_GRACE_SECONDS)
         if not results.empty():
             result = pickle.loads(results.get())
         if done:
