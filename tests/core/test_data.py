@@ -26,8 +26,8 @@ from torch.utils.data import (
 )
 
 from torchloom.core.data import prepare_dataloader, rebuild_dataloader, seed_worker, set_sampler_epoch
-from torchloom.core.distributed import DistributedSamplerWrapper
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.samplers import DistributedSamplerWrapper
 from torchloom.core.utils.seed import SEED_ENV, SEED_WORKERS_ENV, seed_everything
 
 RANK_0_OF_2 = {"num_replicas": 2, "rank": 0}

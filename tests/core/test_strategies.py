@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import SequentialSampler
 
 from tests.processes import explain, run_python
-from torchloom.core import distributed
+from torchloom.core import distributed, samplers
 from torchloom.core.accelerators.cpu import CPUAccelerator
 from torchloom.core.environments.local import LocalEnvironment, find_free_port
 from torchloom.core.errors import ConfigurationError
@@ -396,16 +396,16 @@ def test_helpers_without_a_process_group() -> None:
 def test_distributed_sampler_wrapper_splits_a_custom_sampler() -> None:
     sampler = SequentialSampler(range(10))
     shares = [
-        list(distributed.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)
+        list(samplers.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)
     ]
     assert shares == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
-    shuffled = [distributed.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    shuffled = [samplers.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
     for wrapper in shuffled:
         wrapper.set_epoch(1)
     first, second = (list(w) for w in shuffled)
     assert sorted(first + second) == list(range(10)) and len(first) == len(shuffled[0]) == 5
     with pytest.raises(ConfigurationError, match="length"):
-        distributed.DistributedSamplerWrapper(iter(range(3)), num_replicas=2, rank=0)  # type: ignore[arg-type]
+        samplers.DistributedSamplerWrapper(iter(range(3)), num_replicas=2, rank=0)  # type: ignore[arg-type]
 
 
 def test_clipping_an_inf_gradient_raises_except_where_a_grad_scaler_skips_the_step() -> None:

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tests.processes import explain, run_python
 from torchloom.core.data import prepare_dataloader, resumable_sampler
-from torchloom.core.distributed import DistributedSamplerWrapper, ResumableDistributedSampler
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.samplers import DistributedSamplerWrapper, ResumableDistributedSampler
 from torchloom.trainer import LoomModule, Trainer
 from torchloom.trainer.callbacks import Callback
 

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from torchloom.core.data import seed_worker
-from torchloom.core.distributed import DistributedSamplerWrapper
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.samplers import DistributedSamplerWrapper
 from torchloom.core.utils.seed import SEED_WORKERS_ENV
 from torchloom.trainer import LoomDataModule
 from torchloom.trainer.data import count_batches, infer_batch_size, prepare_loader, to_loader_list

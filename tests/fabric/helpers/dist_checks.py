@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
-from torchloom.core.distributed import DistributedSamplerWrapper
+from torchloom.core.samplers import DistributedSamplerWrapper
 from torchloom.core.strategies.ddp import DDPStrategy
 from torchloom.fabric import Fabric, FabricDataLoader
 

@@ -39,8 +39,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from torchloom.core.distributed import DistributedSamplerWrapper, ResumableDistributedSampler
 from torchloom.core.errors import ConfigurationError
+from torchloom.core.samplers import DistributedSamplerWrapper, ResumableDistributedSampler
 from torchloom.core.utils.rank_zero import rank_zero_warn
 from torchloom.core.utils.seed import SEED_ENV, SEED_WORKERS_ENV
 

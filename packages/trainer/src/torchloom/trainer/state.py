@@ -40,7 +40,7 @@ class FitProgress:
     ranks together (``world_size`` x the batch's share per rank, every batch; ``None`` when the training
     loader cannot begin part-way, see ``torchloom.core.data.resumable_sampler``); ``world_size`` is the
     number of processes that trained them; ``sample_order`` the kind of that order (``"seeded"`` or
-    ``"drawn"``, see ``torchloom.core.distributed.ResumableDistributedSampler``). From these a resume on
+    ``"drawn"``, see ``torchloom.core.samplers.ResumableDistributedSampler``). From these a resume on
     any number of processes begins at the next position. Checkpoints written before these fields have
     them ``None``.
     """
