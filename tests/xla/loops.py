@@ -52,6 +52,10 @@ class Regressor(LoomModule):
         super().__init__()
         self.net = model()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # FSDPv2 wraps only modules that define forward
+        output: torch.Tensor = self.net(x)
+        return output
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)

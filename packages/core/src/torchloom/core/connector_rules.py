@@ -126,7 +126,9 @@ def check_strategy_fits(strategy: Strategy, label: str, devices: Sequence[torch.
     """Rejects a strategy that cannot drive these devices; called before anything is wired."""
     device_type = devices[0].type
     parallel = isinstance(strategy, ParallelStrategy)
-    if not parallel and (len(devices) > 1 or num_nodes > 1):
+    # an XLA SPMD strategy is one process that drives every device of its host
+    spans_devices = getattr(strategy, "drives_all_local_devices", False) is True and num_nodes == 1
+    if not parallel and not spans_devices and (len(devices) > 1 or num_nodes > 1):
         raise ConfigurationError(
             f"{label} runs one process on one device, but got {len(devices)} devices ({_show(devices)}) and "
             f"num_nodes={num_nodes}. Valid: devices=1 and num_nodes=1 with this strategy, or a multi-process "

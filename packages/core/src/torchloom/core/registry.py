@@ -202,5 +202,17 @@ STRATEGIES.register(
     f"{_P}.strategies.single_xla:SingleDeviceXLAStrategy",
     description="one XLA device (TPU core, or XLA on the CPU), one process",
 )
+STRATEGIES.register(
+    "xla_spmd",
+    f"{_P}.strategies.xla_spmd:XLASPMDStrategy",
+    description="one process, SPMD over every local XLA device; FSDPv2 parameter sharding",
+    sharding="fsdp",
+)
+STRATEGIES.register(
+    "xla_spmd_data",
+    f"{_P}.strategies.xla_spmd:XLASPMDStrategy",
+    description="one process, SPMD over every local XLA device; batches sharded, parameters replicated",
+    sharding="data",
+)
 for _name, _kwargs, _what in _DEEPSPEED_NAMES:
     STRATEGIES.register(_name, f"{_P}.strategies.deepspeed:DeepSpeedStrategy", description=_what, **_kwargs)

@@ -1,0 +1,65 @@
+"""One SPMD run, in its own process (SPMD mode and the device count are fixed per process).
+
+``python -m tests.xla.spmd_job OUT SHARDING`` with ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=n``: trains through
+Fabric and through the Trainer with strategy ``xla_spmd`` (FSDPv2) or ``xla_spmd_data``, saves and loads
+a checkpoint, and writes what the test checks to ``OUT`` (a torch file).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch_xla
+
+from tests.xla.loops import cpu_weights, fabric_run, model, trainer_run
+from torchloom.fabric import Fabric
+
+
+def main(out: Path, strategy: str) -> None:
+    fabric = Fabric(accelerator="tpu", strategy=strategy, precision="32-true")
+    weights, losses = fabric_run(fabric, clip=0.5)
+
+    built = model()
+    module, optimizer = fabric.setup(built, torch.optim.Adam(built.parameters(), lr=0.01))
+    specs = {name: torch_xla._XLAC._get_xla_sharding_spec(p) for name, p in built.named_parameters()}
+    loss = module(fabric.to_device(torch.randn(8, 8))).sum()  # moved and sharded by the strategy
+    fabric.backward(loss)
+    optimizer.step()
+    fabric.save(out.parent / "ckpt", {"model": module, "optimizer": optimizer, "step": 7})
+    other = model()
+    torch.manual_seed(3)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    fresh, fresh_optimizer = fabric.setup(other, torch.optim.Adam(other.parameters(), lr=0.01))
+    state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
+    fabric.load(out.parent / "ckpt", state)
+    restored = {
+        "step": state["step"],
+        "weights_equal": all(
+            torch.equal(a, b)
+            for a, b in zip(cpu_weights(fresh.state_dict()).values(), cpu_weights(module.state_dict()).values())
+        ),
+        "exp_avg_equal": torch.equal(
+            fresh_optimizer.state_dict()["state"][0]["exp_avg"].cpu(),
+            optimizer.state_dict()["state"][0]["exp_avg"].cpu(),
+        ),
+        "specs_after_load": {name: torch_xla._XLAC._get_xla_sharding_spec(p) for name, p in other.named_parameters()},
+    }
+    _, trained = trainer_run(str(out.parent / "trainer"), accelerator="tpu", strategy=strategy)
+    torch.save(
+        {
+            "weights": weights,
+            "losses": losses,
+            "specs": specs,
+            "restored": restored,
+            "trainer_weights": cpu_weights(trained.state_dict()),
+            "strategy": type(fabric.strategy).__name__,
+        },
+        out,
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
