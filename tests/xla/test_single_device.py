@@ -3,6 +3,9 @@ the same runs on the CPU are the reference. Runs in the nox ``xla`` session (``-
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,19 @@ def test_trainer_fit_matches_the_cpu_and_saves_a_checkpoint(tmp_path: Path) -> N
     trainer.save_checkpoint(tmp_path / "trainer.ckpt")
     checkpoint = torch.load(tmp_path / "trainer.ckpt", weights_only=True)
     close(checkpoint["state_dict"], cpu_weights(module.state_dict()), atol=0)
+
+
+def test_without_pjrt_device_auto_is_not_xla_on_the_cpu_and_tpu_says_there_is_no_device() -> None:
+    """Importing torch_xla defaults to XLA on the CPU where there is no TPU; torchloom does not take that default."""
+    code = (
+        "from torchloom.core import Connector\n"
+        "print(type(Connector().resolve().accelerator).__name__)\n"
+        "try:\n    Connector(accelerator='tpu').resolve()\n"
+        "except Exception as error:\n    print(type(error).__name__, error)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
+    finished = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    assert lines[0] == "CPUAccelerator"
+    assert lines[1].startswith("ConfigurationError accelerator='tpu' found no XLA device"), lines

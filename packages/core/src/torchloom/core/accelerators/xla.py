@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -68,7 +69,14 @@ def import_torch_xla(module: str, feature: str) -> ModuleType:
             f"only with torch {_minor(xla_version)}.x, but this environment has torch {torch_version}. Install a "
             f"matching pair: pip install torch=={_minor(xla_version)}.* torch-xla=={xla_version}, or {_INSTALL}."
         )
-    return importlib.import_module(module)
+    first_import = "torch_xla" not in sys.modules
+    chosen = os.environ.get("PJRT_DEVICE")
+    imported = importlib.import_module(module)
+    if first_import and chosen is None and os.environ.get("PJRT_DEVICE") == "CPU":
+        # importing torch_xla picks XLA on the CPU where it finds no TPU; that is for tests and must be asked
+        # for (PJRT_DEVICE=CPU), or accelerator='auto' would choose it on every machine with torch-xla
+        del os.environ["PJRT_DEVICE"]
+    return imported
 
 
 _ACCEPTED = "1 (one device), 'auto' or -1 or the device count (all devices), or a single index such as [2] or '2,'"
