@@ -144,6 +144,10 @@ class Connector:
         environment = plugins.cluster_environment or carried.cluster_environment or detect_environment()
         environment.validate(len(devices), num_nodes)
         strategy, chosen = _build_strategy(strategy_arg, devices, num_nodes)
+        own = getattr(strategy, "_cluster_environment", None)
+        if isinstance(strategy_arg, str) and not plugins.cluster_environment and own is not None:
+            environment = own  # a strategy that brings its own environment by name (XLA: the runtime's ranks)
+            environment.validate(len(devices), num_nodes)
         label = describe(self._strategy) + (f" (which chose {chosen!r})" if strategy_arg == "auto" else "")
         check_strategy_fits(strategy, label, devices, num_nodes)
         precision = strategy.adapt_precision(_build_precision(precision_spec, devices[0].type))

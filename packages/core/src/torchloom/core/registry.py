@@ -203,6 +203,9 @@ STRATEGIES.register(
     description="one XLA device (TPU core, or XLA on the CPU), one process",
 )
 STRATEGIES.register(
+    "xla", f"{_P}.strategies.xla:XLAStrategy", description="one process per XLA device (TPU chip), data parallel"
+)
+STRATEGIES.register(
     "xla_spmd",
     f"{_P}.strategies.xla_spmd:XLASPMDStrategy",
     description="one process, SPMD over every local XLA device; FSDPv2 parameter sharding",
