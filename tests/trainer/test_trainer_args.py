@@ -80,7 +80,7 @@ def test_accelerator_strategy_and_devices_choose_the_core_strategy(monkeypatch: 
     assert isinstance(ddp.strategy, DDPStrategy) and ddp.world_size == 2 and ddp.num_devices == 2
     assert ddp.strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
     with pytest.raises(
-        ConfigurationError, match="accelerator='tpu' (needs the package 'torch_xla'|found no XLA device)"
+        ConfigurationError, match=r"accelerator='tpu' (needs the package 'torch_xla'|found no XLA device)"
     ):
         quiet_trainer(accelerator="tpu")
     monkeypatch.setattr(rank_zero, "_rank", 0)  # building the strategy sets this process's rank; put it back after
