@@ -7,7 +7,7 @@ import importlib.machinery
 import pickle
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from torchloom.core.environments.xla import XLAEnvironment
 from torchloom.core.errors import WorkerFailedError
 from torchloom.core.launchers.xla import XLALauncher
 from torchloom.core.strategies.xla import XLAStrategy
+from torchloom.core.utils import rank_zero
 
 
 class FakeXLA:
@@ -88,8 +89,10 @@ class FakeXLA:
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeXLA:
-    return FakeXLA(monkeypatch)
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXLA]:
+    rank = rank_zero.global_rank()
+    yield FakeXLA(monkeypatch)
+    rank_zero.set_global_rank(rank)  # a fake replica's setup_environment set this process's rank
 
 
 def strategy_in_worker(fake: FakeXLA) -> XLAStrategy:
