@@ -87,12 +87,6 @@ def deepspeed(session: nox.Session) -> None:
 
 # torch-xla 2.9 (the newest) imports only with torch 2.9, so it gets its own environment (a 3.9 GB download:
 # PyPI's torch 2.9 is the CUDA build); core's `xla` extra pins the pair.
-XLA_TORCH_ONLY_2_13 = [  # tests that need torch 2.13: torch 2.9's elastic LaunchConfig has no shutdown_timeout
-    "tests/core/test_launchers.py::test_agent_configures_elastic_and_exits_after_success",
-    "tests/core/test_launchers.py::test_agent_for_a_second_node",
-]
-
-
 @nox.session(tags=["ci", "tpu"])  # measured: 2.4 min with uv's cache, about 4 min with the download
 def xla(session: nox.Session) -> None:
     """XLA on the CPU (PJRT_DEVICE=CPU): tests/xla in a torch 2.9 + torch-xla 2.9 venv, then tests/core on torch 2.9.
@@ -111,8 +105,7 @@ def xla(session: nox.Session) -> None:
     # the error tests and the faked multi-replica plumbing, then core on torch 2.9; no XLA device asked for.
     # Separate runs: tests/core's warning checks expect a process of their own, as in the other sessions.
     session.run("python", "-m", "pytest", "tests/xla", *session.posargs, env=env)
-    deselect = [f"--deselect={test}" for test in XLA_TORCH_ONLY_2_13]
-    session.run("python", "-m", "pytest", "tests/core", *deselect, *session.posargs, env=env)
+    session.run("python", "-m", "pytest", "tests/core", *session.posargs, env=env)
 
 
 @nox.session(tags=["ci"])

@@ -395,9 +395,7 @@ def test_helpers_without_a_process_group() -> None:
 
 def test_distributed_sampler_wrapper_splits_a_custom_sampler() -> None:
     sampler = SequentialSampler(range(10))
-    shares = [
-        list(samplers.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)
-    ]
+    shares = [list(samplers.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
     assert shares == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
     shuffled = [samplers.DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
     for wrapper in shuffled:

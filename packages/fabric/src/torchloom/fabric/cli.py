@@ -204,7 +204,7 @@ def launch(plan: RunPlan) -> int:
 
     os.environ.update(plan.env)
     args = get_args_parser().parse_args(plan.torchrun_args)
-    args.signals_to_handle = SIGNALS_TO_FORWARD
+    args.signals_to_handle = SIGNALS_TO_FORWARD  # read where torch has the option (2.13; not 2.9)
     if args.node_rank == 0:  # a loopback-only store for the agent (torch's own listens on every interface)
         store = host_agent_store(args.master_addr, args.master_port or 0, _STORE_TIMEOUT)
         if store is not None and args.master_port is None:
@@ -212,7 +212,8 @@ def launch(plan: RunPlan) -> int:
     try:
         run(args)  # type: ignore[no-untyped-call]
     except SignalException as signalled:
-        grace = args.shutdown_timeout or int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))  # torch's rule
+        # torch's rule (torch 2.9 has no such option: its agent always waits 30 s)
+        grace = getattr(args, "shutdown_timeout", None) or int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
         return signal_exit(signalled.sigval, grace)
     except ChildFailedError as error:
         failed = worker_failed_error(error)  # the worker that failed first, its traceback, then the others

@@ -17,6 +17,7 @@ and process group), then calls the function and returns its result, as the other
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -147,8 +148,9 @@ class SubprocessScriptLauncher(Launcher):
             rdzv_configs={"rank": environment.node_rank(), "timeout": int(self.timeout.total_seconds())},
             max_restarts=self.max_restarts,
             monitor_interval=self.monitor_interval,
-            shutdown_timeout=self.termination_timeout,
-            signals_to_handle=SIGNALS_TO_FORWARD,
+            **_newer_launch_options(
+                LaunchConfig, shutdown_timeout=self.termination_timeout, signals_to_handle=SIGNALS_TO_FORWARD
+            ),
         )
         try:
             elastic_launch(config, sys.executable)(*command)
@@ -156,6 +158,13 @@ class SubprocessScriptLauncher(Launcher):
             raise worker_failed_error(error) from None
         except SignalException as signalled:
             sys.exit(signal_exit(signalled.sigval, self.termination_timeout))
+
+
+def _newer_launch_options(config_class: type, **options: Any) -> dict[str, Any]:
+    """The ``options`` this torch's ``LaunchConfig`` has: torch 2.9's lacks ``shutdown_timeout`` (its agent waits
+    30 s) and ``signals_to_handle`` (it passes SIGTERM, SIGINT, SIGHUP and SIGQUIT on, not SIGUSR1)."""
+    known = {field.name for field in dataclasses.fields(config_class)}
+    return {name: value for name, value in options.items() if name in known}
 
 
 def signal_exit(received: int, grace_s: float | None) -> int:
