@@ -43,16 +43,9 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
     ) -> None:
         super().__init__(device=device, accelerator=accelerator, precision=precision, checkpoint_io=checkpoint_io)
 
-    @property
     @override
-    def checkpoint_io(self) -> CheckpointIO:
-        if self._checkpoint_io is None:
-            self._checkpoint_io = XLACheckpointIO()
-        return self._checkpoint_io
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: CheckpointIO) -> None:
-        self._checkpoint_io = io
+    def default_checkpoint_io(self) -> CheckpointIO:
+        return XLACheckpointIO()
 
     @override
     def adapt_precision(self, precision: Precision) -> Precision:

@@ -71,12 +71,16 @@ class Strategy(ABC):
     @property
     def checkpoint_io(self) -> CheckpointIO:
         if self._checkpoint_io is None:
-            self._checkpoint_io = TorchCheckpointIO()
+            self._checkpoint_io = self.default_checkpoint_io()
         return self._checkpoint_io
 
     @checkpoint_io.setter
     def checkpoint_io(self, io: CheckpointIO) -> None:
         self._checkpoint_io = io
+
+    def default_checkpoint_io(self) -> CheckpointIO:
+        """What the strategy saves with when it was given no ``checkpoint_io`` (an XLA strategy: ``xm.save``)."""
+        return TorchCheckpointIO()
 
     @property
     def launcher(self) -> Launcher | None:

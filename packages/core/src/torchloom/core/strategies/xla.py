@@ -79,16 +79,9 @@ class XLAStrategy(ParallelStrategy):
         self._reduced: set[int] = set()  # optimizers whose gradients were averaged since their last step
 
     # ------------------------------------------------------------------ wiring
-    @property
     @override
-    def checkpoint_io(self) -> CheckpointIO:
-        if self._checkpoint_io is None:
-            self._checkpoint_io = XLACheckpointIO()
-        return self._checkpoint_io
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: CheckpointIO) -> None:
-        self._checkpoint_io = io
+    def default_checkpoint_io(self) -> CheckpointIO:
+        return XLACheckpointIO()
 
     @override
     def adapt_precision(self, precision: Precision) -> Precision:
