@@ -112,3 +112,31 @@ def test_precisions_xla_cannot_run_are_refused_with_the_valid_ones(precision: Pr
 def test_xla_precision_rejects_other_names(name: Any) -> None:
     with pytest.raises(ConfigurationError, match="Valid: '32-true', 'bf16-true', 'bf16-mixed'"):
         XLAPrecision(name)
+
+
+class _WritesAMarker:
+    """Unpickling it with plain pickle (as DCP reads '.metadata') would call ``open(marker, "w")``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def test_spmd_checkpoint_metadata_that_would_run_code_is_refused_before_dcp_reads_it(tmp_path: Any) -> None:
+    import pickle
+
+    from torchloom.core.checkpoint import xla_spmd as spmd_io
+    from torchloom.core.errors import CheckpointError
+    from torchloom.core.strategies.xla_spmd import XLASPMDStrategy
+
+    folder, marker = tmp_path / "spmd.ckpt", tmp_path / "MARKER"
+    folder.mkdir()
+    (folder / spmd_io._MARKER).touch()
+    with open(folder / ".metadata", "wb") as file:
+        pickle.dump(_WritesAMarker(str(marker)), file, protocol=2)
+    assert spmd_io.is_spmd_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=r"DCP metadata file .* which could run arbitrary code"):
+        XLASPMDStrategy().load_checkpoint(folder, {"step": 0})
+    assert not marker.exists()

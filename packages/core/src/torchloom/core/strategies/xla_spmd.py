@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
+from torchloom.core.checkpoint.checks import check_dcp_metadata
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.checkpoint.xla_spmd import as_whole_file, is_spmd_checkpoint, save_spmd
 from torchloom.core.errors import ConfigurationError, choices
@@ -140,6 +141,8 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
         """Loads what ``save_checkpoint`` wrote (or any checkpoint the other strategies write) into ``state``."""
         if not is_spmd_checkpoint(path):
             return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        if weights_only:  # DCP unpickles .metadata without weights_only, as for the other sharded checkpoints
+            check_dcp_metadata(path)
         with as_whole_file(path) as whole:
             return super().load_checkpoint(whole, state, strict=strict, weights_only=weights_only)
 
