@@ -12,9 +12,44 @@ from pathlib import Path
 
 import torch
 import torch_xla
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch_xla.distributed.spmd import XLAShardedTensor
 
 from tests.xla.loops import cpu_weights, fabric_run, model, trainer_run
+from torchloom.core.checkpoint import distributed as sharded_io
+from torchloom.core.strategies.single_device import SingleDeviceStrategy
 from torchloom.fabric import Fabric
+
+
+def across_strategies(folder: Path, module: torch.nn.Module, fabric: Fabric) -> dict[str, object]:
+    """The SPMD checkpoint is the sharded format FSDP writes: the CPU reads it, and one written from CPU loads."""
+    saved = cpu_weights(module.state_dict())
+    chunks = FileSystemReader(folder / "ckpt").read_metadata().state_dict_metadata["model/0.weight"].chunks
+    on_cpu = SingleDeviceStrategy("cpu").load_checkpoint(folder / "ckpt")
+    written_on_cpu = {"model": {name: torch.full_like(value, 0.5) for name, value in saved.items()}}
+    sharded_io.save_sharded(folder / "from_cpu", written_on_cpu, {"model": "module"}, SingleDeviceStrategy("cpu"))
+    target = model()
+    loaded, _ = fabric.setup(target, torch.optim.SGD(target.parameters(), lr=0.1))
+    shards_loaded = []
+    load_shards = XLAShardedTensor.load_local_shards_  # SPMDLoadPlanner's last step for each sharded tensor
+
+    def counted(self: XLAShardedTensor, shards: object) -> object:
+        shards_loaded.append(self.global_tensor.shape)
+        return load_shards(self, shards)
+
+    XLAShardedTensor.load_local_shards_ = counted  # type: ignore[method-assign]
+    try:
+        fabric.load(folder / "from_cpu", {"model": loaded})
+    finally:
+        XLAShardedTensor.load_local_shards_ = load_shards  # type: ignore[method-assign]
+    return {
+        "chunks_of_first_weight": len(chunks),
+        "cpu_reads_it": on_cpu["step"] == 7 and all(torch.equal(on_cpu["model"][k], v) for k, v in saved.items()),
+        "cpu_optimizer_state": sorted(on_cpu["optimizer"]["state"]),
+        "loads_cpu_checkpoint": all(bool((v == 0.5).all()) for v in cpu_weights(loaded.state_dict()).values()),
+        "shards_loaded_in_place": len(shards_loaded),
+        "spec_after_cpu_load": torch_xla._XLAC._get_xla_sharding_spec(target.get_parameter("0.weight")),
+    }
 
 
 def main(out: Path, strategy: str) -> None:
@@ -47,6 +82,7 @@ def main(out: Path, strategy: str) -> None:
         ),
         "specs_after_load": {name: torch_xla._XLAC._get_xla_sharding_spec(p) for name, p in other.named_parameters()},
     }
+    restored.update(across_strategies(out.parent, module, fabric))
     _, trained = trainer_run(str(out.parent / "trainer"), accelerator="tpu", strategy=strategy)
     torch.save(
         {

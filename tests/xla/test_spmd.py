@@ -72,3 +72,12 @@ def test_spmd_training_matches_one_device_and_checkpoints_round_trip(
     close(result["trainer_weights"], cpu_reference["trainer_weights"])
     restored = result["restored"]
     assert restored["step"] == 7 and restored["weights_equal"] and restored["exp_avg_equal"], restored
+    # the checkpoint is FSDP's sharded format: one chunk per device for a sharded weight, readable on the CPU
+    assert restored["chunks_of_first_weight"] == (devices if strategy == "xla_spmd" else 1)
+    assert restored["cpu_reads_it"] and restored["cpu_optimizer_state"] == [0, 1, 2, 3], restored
+    assert restored["loads_cpu_checkpoint"], restored
+    if strategy == "xla_spmd":  # read shard by shard into each sharded parameter, which stays sharded
+        assert restored["shards_loaded_in_place"] == len(specs)
+        assert restored["spec_after_cpu_load"] == specs["0.weight"]
+    else:  # replicated parameters: nothing to read shard-wise
+        assert restored["shards_loaded_in_place"] == 0

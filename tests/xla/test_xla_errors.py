@@ -127,16 +127,33 @@ class _WritesAMarker:
 def test_spmd_checkpoint_metadata_that_would_run_code_is_refused_before_dcp_reads_it(tmp_path: Any) -> None:
     import pickle
 
-    from torchloom.core.checkpoint import xla_spmd as spmd_io
+    from torchloom.core.checkpoint import distributed as sharded_io
     from torchloom.core.errors import CheckpointError
+    from torchloom.core.strategies.single_device import SingleDeviceStrategy
     from torchloom.core.strategies.xla_spmd import XLASPMDStrategy
 
+    strategy = XLASPMDStrategy()
     folder, marker = tmp_path / "spmd.ckpt", tmp_path / "MARKER"
-    folder.mkdir()
-    (folder / spmd_io._MARKER).touch()
+    sharded_io.save_sharded(folder, {"weight": torch.ones(2), "step": 3}, {"weight": "data", "step": "data"}, strategy)
+    assert SingleDeviceStrategy("cpu").load_checkpoint(folder)["step"] == 3  # it loads until .metadata is replaced
     with open(folder / ".metadata", "wb") as file:
         pickle.dump(_WritesAMarker(str(marker)), file, protocol=2)
-    assert spmd_io.is_spmd_checkpoint(folder)
     with pytest.raises(CheckpointError, match=r"DCP metadata file .* which could run arbitrary code"):
-        XLASPMDStrategy().load_checkpoint(folder, {"step": 0})
+        strategy.load_checkpoint(folder, {"step": 0})
     assert not marker.exists()
+
+
+@pytest.mark.usefixtures("torch_xla_without_devices")
+@pytest.mark.parametrize("devices", [1, [1]])
+def test_spmd_refuses_a_subset_of_the_devices_it_would_drive_all_of(
+    monkeypatch: pytest.MonkeyPatch, devices: Any
+) -> None:
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    monkeypatch.setenv("CPU_NUM_DEVICES", "4")
+    with pytest.raises(ConfigurationError) as info:
+        Connector(accelerator="tpu", strategy="xla_spmd", devices=devices).resolve()
+    message = str(info.value)
+    assert "drives every device of this host (4)" in message
+    assert "Valid: devices='auto', -1 or 4" in message and "strategy='single_xla'" in message
+    setup = Connector(accelerator="tpu", strategy="xla_spmd_data", devices="auto").resolve()
+    assert len(setup.devices) == 4

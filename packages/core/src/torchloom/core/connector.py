@@ -44,6 +44,7 @@ from torchloom.core.connector_rules import (
     Plugins,
     check_interactive_launcher,
     check_num_nodes,
+    check_spans_all_devices,
     check_strategy_arg,
     check_strategy_fits,
     choose_one,
@@ -150,6 +151,8 @@ class Connector:
             environment.validate(len(devices), num_nodes)
         label = describe(self._strategy) + (f" (which chose {chosen!r})" if strategy_arg == "auto" else "")
         check_strategy_fits(strategy, label, devices, num_nodes)
+        if getattr(strategy, "drives_all_local_devices", False) is True:
+            check_spans_all_devices(strategy, label, devices, accelerator.auto_device_count())
         precision = strategy.adapt_precision(_build_precision(precision_spec, devices[0].type))
         checkpoint_io = plugins.checkpoint_io or strategy.checkpoint_io
 
@@ -343,7 +346,8 @@ def _is_single_process(name: str) -> bool:
     if name == "auto":
         return False
     factory = STRATEGIES.factory(name)
-    return isinstance(factory, type) and not issubclass(factory, ParallelStrategy)
+    spans = getattr(factory, "drives_all_local_devices", False) is True  # one process, every device (XLA SPMD)
+    return isinstance(factory, type) and not issubclass(factory, ParallelStrategy) and not spans
 
 
 def _accepts(factory: Callable[..., Any], parameter: str) -> bool:

@@ -28,6 +28,7 @@ __all__ = [
     "Plugins",
     "check_interactive_launcher",
     "check_num_nodes",
+    "check_spans_all_devices",
     "check_strategy_arg",
     "check_strategy_fits",
     "choose_one",
@@ -184,6 +185,18 @@ def choose_one(what: str, ours: str, theirs: str, carried: object) -> Configurat
 
 def _parallel_names() -> list[str]:
     return [name for name in STRATEGIES.names() if name.startswith("ddp")]
+
+
+def check_spans_all_devices(strategy: Strategy, label: str, devices: Sequence[torch.device], available: int) -> None:
+    """Rejects a subset of the host's devices for a strategy that always drives all of them (XLA SPMD: its
+    device mesh must hold every device the runtime sees)."""
+    if getattr(strategy, "drives_all_local_devices", False) is True and len(devices) != available:
+        raise ConfigurationError(
+            f"{label} drives every device of this host ({available}) as one program, but the devices are "
+            f"{_show(devices)}. Valid: devices='auto', -1 or {available} with it; strategy='single_xla' for one "
+            "device; or make the runtime see fewer devices before the start (CPU_NUM_DEVICES on XLA's CPU backend, "
+            "TPU_VISIBLE_CHIPS on a TPU host)."
+        )
 
 
 def _show(devices: Sequence[torch.device]) -> str:

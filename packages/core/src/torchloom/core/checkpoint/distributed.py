@@ -17,7 +17,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ from torchloom.core.checkpoint.checks import (
 )
 from torchloom.core.checkpoint.io import TorchCheckpointIO, _fsync_dir
 from torchloom.core.errors import CheckpointError, ConfigurationError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
 __all__ = [
     "META_FILE",
@@ -143,9 +146,15 @@ def _join(skeleton: Any, path: Path_, tensors: dict[str, Tensor], tensor_paths: 
 
 # ---------------------------------------------------------------------- save / load
 def save_sharded(
-    path: str | os.PathLike[str], state: dict[str, Any], kinds: dict[str, str], coordinator: Coordinator
+    path: str | os.PathLike[str],
+    state: dict[str, Any],
+    kinds: dict[str, str],
+    coordinator: Coordinator,
+    planner: SavePlanner | None = None,
 ) -> None:
     """Writes ``state`` (tensors: DTensor shards or plain) to the directory ``path``; every rank calls it.
+
+    ``planner``: DCP's save planner, for tensors DCP's default one does not shard (torch-xla's SPMD tensors).
 
     Everything is written to ``.<name>.partial`` next to ``path`` first, and moved over ``path`` by rank 0
     once every rank is done, so a failed save leaves the previous checkpoint where it was. (A crash
@@ -187,7 +196,7 @@ def save_sharded(
     try:
         with warnings.catch_warnings():  # without a process group DCP warns that it writes alone, as meant
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            save(tensors, checkpoint_id=staging, no_dist=not dist.is_initialized())
+            save(tensors, checkpoint_id=staging, planner=planner, no_dist=not dist.is_initialized())
     except Exception:
         if coordinator.is_global_zero:
             remove_path(staging)
@@ -202,6 +211,7 @@ def load_sharded(
     *,
     meta: dict[str, Any] | None = None,
     distributed: bool | None = None,
+    planner: LoadPlanner | None = None,
 ) -> dict[str, Any]:
     """The checkpoint at ``path`` as nested state, like a full save; all ranks of a process group call it.
 
@@ -209,6 +219,7 @@ def load_sharded(
     state dict: each rank reads only its shards. Every other tensor is read whole into new CPU memory,
     and those entries' optimizer states come back in ``optimizer.state_dict()``'s form.
     ``distributed``: read together over the process group (default: when one exists), or alone.
+    ``planner``: DCP's load planner, for live tensors DCP's default one cannot fill (torch-xla's SPMD tensors).
     """
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load
@@ -228,7 +239,7 @@ def load_sharded(
         together = dist.is_initialized() if distributed is None else distributed
         with warnings.catch_warnings():  # DCP warns that it reads in one process, which is what was asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            load(tensors, checkpoint_id=path, no_dist=not together)
+            load(tensors, checkpoint_id=path, planner=planner, no_dist=not together)
     checkpoint: dict[str, Any] = _join(meta["skeleton"], [], tensors, on_disk)
     for key, kind in meta["kinds"].items():
         if key in live:

@@ -328,19 +328,10 @@ class Strategy(ABC):
         A checkpoint that cannot be loaded (truncated, corrupt, not a dict, a pickle that would run code, an
         incomplete directory, written by a newer torchloom) raises ``CheckpointError``; nothing in it runs.
         """
-        from torchloom.core.checkpoint.checks import check_checkpoint, refuse_directory
-        from torchloom.core.checkpoint.deepspeed import is_deepspeed_checkpoint, load_consolidated
-        from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
+        from torchloom.core.checkpoint.checks import check_checkpoint
 
-        if is_sharded_checkpoint(path):  # a sharded strategy's directory: read whole, by this process alone
-            checkpoint = load_sharded(path, distributed=False)
-        elif is_deepspeed_checkpoint(path):  # DeepSpeed's partitions, gathered to full float32 weights
-            checkpoint = load_consolidated(path)
-        elif os.path.isdir(path):
-            refuse_directory(path)
-        else:
-            checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-        checkpoint = check_checkpoint(checkpoint, path)  # also what a custom CheckpointIO returns
+        checkpoint = self.read_checkpoint(path, state or {}, strict=strict, weights_only=weights_only)
+        checkpoint = check_checkpoint(checkpoint, path)  # also what a custom CheckpointIO or strategy returns
         if state is None:
             return checkpoint
         missing = [key for key in state if key not in checkpoint]
@@ -362,6 +353,26 @@ class Strategy(ABC):
             else:
                 state[key] = value
         return checkpoint
+
+    def read_checkpoint(
+        self, path: str | os.PathLike[str], state: dict[str, Any], strict: bool = True, weights_only: bool = True
+    ) -> Any:
+        """The checkpoint at ``path`` as plain data, for ``load_checkpoint`` to load into ``state``'s objects.
+
+        Sharded directories are read whole, by this process alone. A strategy whose modules hold sharded
+        tensors overrides it to read each shard straight into ``state``'s objects.
+        """
+        from torchloom.core.checkpoint.checks import refuse_directory
+        from torchloom.core.checkpoint.deepspeed import is_deepspeed_checkpoint, load_consolidated
+        from torchloom.core.checkpoint.distributed import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path):  # a sharded strategy's directory (FSDP, model parallel, XLA SPMD)
+            return load_sharded(path, distributed=False)
+        if is_deepspeed_checkpoint(path):  # DeepSpeed's partitions, gathered to full float32 weights
+            return load_consolidated(path)
+        if os.path.isdir(path):
+            refuse_directory(path)
+        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         if self.is_global_zero:

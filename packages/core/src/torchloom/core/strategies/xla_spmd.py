@@ -6,24 +6,27 @@ each batch along its first dimension on that axis (``mark_sharding``), and with 
 wraps the module in torch-xla's FSDPv2 (``SpmdFullyShardedDataParallel``), which shards every parameter
 on the ``"fsdp"`` axis. The compiler inserts the collectives. ``sharding="data"`` keeps parameters
 replicated (sharded data parallel). Data is not split by a sampler: the one process loads the global
-batch. Checkpoints are ``torch.distributed.checkpoint`` directories written shard by shard with
-torch-xla's ``SPMDSavePlanner``.
+batch. Checkpoints are the sharded directories FSDP writes too (``checkpoint/distributed.py``), written and
+read shard by shard with torch-xla's DCP planners; they load on any strategy, and FSDP's load here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
-from torchloom.core.checkpoint.checks import check_dcp_metadata
+from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.io import CheckpointIO
-from torchloom.core.checkpoint.xla_spmd import as_whole_file, is_spmd_checkpoint, save_spmd
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.single_xla import SingleDeviceXLAStrategy
@@ -124,31 +127,61 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
         _inner(module).load_state_dict(state_dict, strict=strict)
 
     @override
+    def convert_state(self, state: dict[str, Any], filter: StateFilter | None = None) -> dict[str, Any]:
+        """Like the base, with optimizer state keyed by parameter name, as sharded checkpoints hold it."""
+        converted = super().convert_state(state, filter)
+        for key, obj in state.items():
+            if isinstance(obj, Optimizer):
+                names = sharded_io.parameter_names(_inner(sharded_io.owner_of(obj, state, key)), obj)
+                converted[key] = sharded_io.optimizer_state_to_named(converted[key], names)
+        return converted
+
+    @override
     def save_checkpoint(
         self, path: str | os.PathLike[str], state: dict[str, Any], filter: StateFilter | None = None
     ) -> None:
-        """A ``torch.distributed.checkpoint`` directory at ``path``, each shard written from its device."""
-        save_spmd(path, self.convert_state(state, filter))
+        """A sharded checkpoint directory at ``path`` (as FSDP writes), each shard written from its device."""
+        planners = import_torch_xla("torch_xla.experimental.distributed_checkpoint", "XLA SPMD checkpoints")
+        checkpoint = self.convert_state(state, filter)
+        with _quiet_planner():
+            sharded_io.save_sharded(path, checkpoint, sharded_io.kinds_of(state), self, planners.SPMDSavePlanner())
 
     @override
-    def load_checkpoint(
-        self,
-        path: str | os.PathLike[str],
-        state: dict[str, Any] | None = None,
-        strict: bool = True,
-        weights_only: bool = True,
-    ) -> dict[str, Any]:
-        """Loads what ``save_checkpoint`` wrote (or any checkpoint the other strategies write) into ``state``."""
-        if not is_spmd_checkpoint(path):
-            return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
-        if weights_only:  # DCP unpickles .metadata without weights_only, as for the other sharded checkpoints
-            check_dcp_metadata(path)
-        with as_whole_file(path) as whole:
-            return super().load_checkpoint(whole, state, strict=strict, weights_only=weights_only)
+    def read_checkpoint(
+        self, path: str | os.PathLike[str], state: dict[str, Any], strict: bool = True, weights_only: bool = True
+    ) -> Any:
+        """A sharded directory is read shard by shard straight into the devices of ``state``'s modules; the rest
+        (optimizer state, plain values) whole to the CPU. Any other checkpoint as the base strategy reads it."""
+        if not sharded_io.is_sharded_checkpoint(path):
+            return super().read_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        meta = sharded_io.read_meta(path)  # also refuses a DCP .metadata that would run code
+        missing = [key for key in state if key not in meta["kinds"]]
+        if strict and missing:  # before anything is loaded in place
+            raise KeyError(
+                f"The checkpoint at {str(path)!r} has no entry for {missing}; it holds {sorted(meta['kinds'])}. "
+                "Pass strict=False to load the rest."
+            )
+        live: dict[str, Any] = {}
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module) and meta["kinds"].get(key) == "module":
+                module = _inner(obj)
+                sharded_io.check_module_keys(module, meta["skeleton"][key].keys(), strict)
+                live[key] = module.state_dict()  # aliases of the parameters: DCP fills each device's shard
+        planners = import_torch_xla("torch_xla.experimental.distributed_checkpoint", "XLA SPMD checkpoints")
+        with _quiet_planner():
+            return sharded_io.load_sharded(path, live, meta=meta, distributed=False, planner=planners.SPMDLoadPlanner())
 
     @override
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sharding={self._sharding!r}, precision={self._precision!r})"
+
+
+@contextlib.contextmanager
+def _quiet_planner() -> Iterator[None]:
+    """torch-xla 2.9's planners predate a newer DCP planner argument, which DCP warns about on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_up_planner has been updated", category=UserWarning)
+        yield
 
 
 def _inner(module: nn.Module) -> nn.Module:
