@@ -81,6 +81,12 @@ def main(out: Path, strategy: str) -> None:
             optimizer.state_dict()["state"][0]["exp_avg"].cpu(),
         ),
         "specs_after_load": {name: torch_xla._XLAC._get_xla_sharding_spec(p) for name, p in other.named_parameters()},
+        # read shard by shard into tensors sharded like their parameter, not whole and replicated
+        "exp_avg_specs_after_load": {
+            name: torch_xla._XLAC._get_xla_sharding_spec(fresh_optimizer.state[p]["exp_avg"])
+            for name, p in other.named_parameters()
+        },
+        "step_after_load": fresh_optimizer.state[other.get_parameter("0.weight")]["step"].item(),
     }
     restored.update(across_strategies(out.parent, module, fabric))
     _, trained = trainer_run(str(out.parent / "trainer"), accelerator="tpu", strategy=strategy)

@@ -72,6 +72,13 @@ def test_spmd_training_matches_one_device_and_checkpoints_round_trip(
     close(result["trainer_weights"], cpu_reference["trainer_weights"])
     restored = result["restored"]
     assert restored["step"] == 7 and restored["weights_equal"] and restored["exp_avg_equal"], restored
+    replicated = {"", "{replicated}"}  # no sharding yet / replicated explicitly: the same placement
+    exp_avg_specs = restored["exp_avg_specs_after_load"]
+    if strategy == "xla_spmd":  # optimizer state read shard by shard, sharded like its parameter
+        assert exp_avg_specs == specs, restored
+    else:
+        assert set(exp_avg_specs.values()) <= replicated, restored
+    assert restored["step_after_load"] == 1.0, restored
     # the checkpoint is FSDP's sharded format: one chunk per device for a sharded weight, readable on the CPU
     assert restored["chunks_of_first_weight"] == (devices if strategy == "xla_spmd" else 1)
     assert restored["cpu_reads_it"] and restored["cpu_optimizer_state"] == [0, 1, 2, 3], restored

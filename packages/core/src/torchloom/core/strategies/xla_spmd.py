@@ -27,6 +27,7 @@ from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.io import CheckpointIO
+from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.single_xla import SingleDeviceXLAStrategy
@@ -120,11 +121,11 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
 
     @override
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        return _inner(module).state_dict()
+        return inner_module(module).state_dict()
 
     @override
     def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
-        _inner(module).load_state_dict(state_dict, strict=strict)
+        inner_module(module).load_state_dict(state_dict, strict=strict)
 
     @override
     def convert_state(self, state: dict[str, Any], filter: StateFilter | None = None) -> dict[str, Any]:
@@ -132,7 +133,7 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
         converted = super().convert_state(state, filter)
         for key, obj in state.items():
             if isinstance(obj, Optimizer):
-                names = sharded_io.parameter_names(_inner(sharded_io.owner_of(obj, state, key)), obj)
+                names = sharded_io.parameter_names(inner_module(sharded_io.owner_of(obj, state, key)), obj)
                 converted[key] = sharded_io.optimizer_state_to_named(converted[key], names)
         return converted
 
@@ -150,8 +151,9 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
     def read_checkpoint(
         self, path: str | os.PathLike[str], state: dict[str, Any], strict: bool = True, weights_only: bool = True
     ) -> Any:
-        """A sharded directory is read shard by shard straight into the devices of ``state``'s modules; the rest
-        (optimizer state, plain values) whole to the CPU. Any other checkpoint as the base strategy reads it."""
+        """A sharded directory is read shard by shard straight into the devices: modules into their sharded
+        parameters, optimizer state into tensors sharded like its parameters (``checkpoint/xla_spmd.py``);
+        plain values to the CPU. Any other checkpoint is read as the base strategy reads it."""
         if not sharded_io.is_sharded_checkpoint(path):
             return super().read_checkpoint(path, state, strict=strict, weights_only=weights_only)
         meta = sharded_io.read_meta(path)  # also refuses a DCP .metadata that would run code
@@ -161,15 +163,18 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
                 f"The checkpoint at {str(path)!r} has no entry for {missing}; it holds {sorted(meta['kinds'])}. "
                 "Pass strict=False to load the rest."
             )
-        live: dict[str, Any] = {}
-        for key, obj in state.items():
-            if isinstance(obj, nn.Module) and meta["kinds"].get(key) == "module":
-                module = _inner(obj)
-                sharded_io.check_module_keys(module, meta["skeleton"][key].keys(), strict)
-                live[key] = module.state_dict()  # aliases of the parameters: DCP fills each device's shard
+        live = live_targets(path, meta, state, strict)
+        # every live tensor backed by device data, none with work in flight: the planner reads their shards
+        import_torch_xla("torch_xla", "XLA SPMD checkpoints").sync(wait=True)
         planners = import_torch_xla("torch_xla.experimental.distributed_checkpoint", "XLA SPMD checkpoints")
         with _quiet_planner():
-            return sharded_io.load_sharded(path, live, meta=meta, distributed=False, planner=planners.SPMDLoadPlanner())
+            checkpoint = sharded_io.load_sharded(
+                path, live, meta=meta, distributed=False, planner=planners.SPMDLoadPlanner()
+            )
+        for key in live:  # read in place, so still keyed by parameter name: the optimizer wants its own form
+            if isinstance(state[key], Optimizer):
+                checkpoint[key] = sharded_io.optimizer_state_to_indexed(checkpoint[key])
+        return checkpoint
 
     @override
     def __repr__(self) -> str:
@@ -182,9 +187,3 @@ def _quiet_planner() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*set_up_planner has been updated", category=UserWarning)
         yield
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    """The user's module inside FSDPv2's wrapper (its state dict keys carry no wrapper prefix)."""
-    inner = getattr(module, "_orig_module", None)
-    return inner if isinstance(inner, nn.Module) else module
