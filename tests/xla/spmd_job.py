@@ -21,6 +21,19 @@ from torchloom.core.strategies.single_device import SingleDeviceStrategy
 from torchloom.fabric import Fabric
 
 
+def fresh_optimizer_state(fabric: Fabric) -> dict[str, object]:
+    """An Adam state dict after one step, on the CPU."""
+    built = model()
+    module, optimizer = fabric.setup(built, torch.optim.Adam(built.parameters(), lr=0.01))
+    fabric.backward(module(fabric.to_device(torch.randn(8, 8))).sum())
+    optimizer.step()
+    state = optimizer.state_dict()
+    return {
+        "state": {i: {k: v.cpu() for k, v in entry.items()} for i, entry in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
 def across_strategies(folder: Path, module: torch.nn.Module, fabric: Fabric) -> dict[str, object]:
     """The SPMD checkpoint is the sharded format FSDP writes: the CPU reads it, and one written from CPU loads."""
     saved = cpu_weights(module.state_dict())
@@ -42,7 +55,18 @@ def across_strategies(folder: Path, module: torch.nn.Module, fabric: Fabric) -> 
         fabric.load(folder / "from_cpu", {"model": loaded})
     finally:
         XLAShardedTensor.load_local_shards_ = load_shards  # type: ignore[method-assign]
+    # a full file (the optimizer state read whole, as the Trainer reads every checkpoint) is sharded on load too
+    optimizer_state = fresh_optimizer_state(fabric)
+    whole = {"model": saved, "optimizer": optimizer_state}
+    torch.save(whole, folder / "whole.pt")
+    target = model()
+    loaded_whole, whole_optimizer = fabric.setup(target, torch.optim.Adam(target.parameters(), lr=0.01))
+    fabric.load(folder / "whole.pt", {"model": loaded_whole, "optimizer": whole_optimizer})
+    whole_exp_avg_spec = torch_xla._XLAC._get_xla_sharding_spec(
+        whole_optimizer.state[target.get_parameter("0.weight")]["exp_avg"]
+    )
     return {
+        "whole_file_exp_avg_spec": whole_exp_avg_spec,
         "chunks_of_first_weight": len(chunks),
         "cpu_reads_it": on_cpu["step"] == 7 and all(torch.equal(on_cpu["model"][k], v) for k, v in saved.items()),
         "cpu_optimizer_state": sorted(on_cpu["optimizer"]["state"]),

@@ -76,6 +76,7 @@ def test_spmd_training_matches_one_device_and_checkpoints_round_trip(
     exp_avg_specs = restored["exp_avg_specs_after_load"]
     if strategy == "xla_spmd":  # optimizer state read shard by shard, sharded like its parameter
         assert exp_avg_specs == specs, restored
+        assert restored["whole_file_exp_avg_spec"] == specs["0.weight"]  # read whole, then sharded on load
     else:
         assert set(exp_avg_specs.values()) <= replicated, restored
     assert restored["step_after_load"] == 1.0, restored

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
 
-__all__ = ["inner_module", "live_targets"]
+__all__ = ["inner_module", "live_targets", "shard_like_parameters"]
 
 
 def inner_module(module: nn.Module) -> nn.Module:
@@ -53,6 +53,22 @@ def live_targets(
             paths = [p for p in meta["tensor_paths"] if p[0] == key]
             live[key] = _nest([(p[1:], _target(p, stored[sharded_io.flat_key(p)], by_name)) for p in paths])
     return live
+
+
+def shard_like_parameters(optimizer: Optimizer) -> None:
+    """Shards each state tensor of ``optimizer`` that has its parameter's shape like that parameter, if it is not
+    sharded yet: state loaded whole (from a full file, or by the Trainer) arrives replicated on every device."""
+    torch_xla = import_torch_xla("torch_xla", "XLA SPMD checkpoints")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            sharding = torch_xla._XLAC._get_xla_op_sharding(param)
+            if not sharding:
+                continue
+            for value in optimizer.state.get(param, {}).values():
+                if not isinstance(value, Tensor) or value.device.type != "xla" or value.shape != param.shape:
+                    continue
+                if not torch_xla._XLAC._get_xla_op_sharding(value):
+                    torch_xla._XLAC._xla_mark_sharding(value, sharding)
 
 
 def _target(tensor_path: list[Any], stored: Any, params: dict[str, Tensor]) -> Tensor:

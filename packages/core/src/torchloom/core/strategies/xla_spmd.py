@@ -27,7 +27,7 @@ from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.io import CheckpointIO
-from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets
+from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets, shard_like_parameters
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.single_xla import SingleDeviceXLAStrategy
@@ -126,6 +126,13 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
     @override
     def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         inner_module(module).load_state_dict(state_dict, strict=strict)
+
+    @override
+    def load_optimizer_state(
+        self, optimizer: Optimizer, state_dict: dict[str, Any], module: nn.Module | None = None
+    ) -> None:
+        super().load_optimizer_state(optimizer, state_dict, module)
+        shard_like_parameters(optimizer)  # state read whole lands replicated on every device
 
     @override
     def convert_state(self, state: dict[str, Any], filter: StateFilter | None = None) -> dict[str, Any]:
