@@ -29,6 +29,7 @@ __all__ = [
     "VERSION_KEY",
     "check_checkpoint",
     "check_dcp_metadata",
+    "check_entries",
     "check_version",
     "refuse_directory",
     "running_version",
@@ -38,6 +39,17 @@ __all__ = [
 VERSION_KEY = "torchloom_version"
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:[.+\-].*)?$")
 _GLOBAL = re.compile(r"GLOBAL ((?:\w+\.)+\w+)")  # module.name: a pickle asking to import something
+
+
+def check_entries(path: str | os.PathLike[str], state: Any, available: Any, strict: bool) -> None:
+    """With ``strict``, a ``KeyError`` naming the keys of ``state`` that the checkpoint's entries ``available`` lack;
+    raised before anything is loaded."""
+    missing = [key for key in state if key not in available]
+    if strict and missing:
+        raise KeyError(
+            f"The checkpoint at {os.fspath(path)!r} has no entry for {missing}; it holds {sorted(available)}. "
+            "Pass strict=False to load the rest."
+        )
 
 
 def running_version() -> str:

@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint import deepspeed as ds_io
+from torchloom.core.checkpoint.checks import check_entries
 from torchloom.core.checkpoint.distributed import remove_path, swap_into_place
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
@@ -514,12 +515,7 @@ class DeepSpeedStrategy(ParallelStrategy):
         saved = {**extra["state"], **extra["entries"]}
         if state is None:
             return ds_io.load_consolidated(path)
-        missing = [key for key in state if key not in saved]
-        if strict and missing:
-            raise KeyError(
-                f"The checkpoint at {os.fspath(path)!r} has no entry for {missing}; it holds {sorted(saved)}. "
-                "Pass strict=False to load the rest."
-            )
+        check_entries(path, state, saved, strict)
         engine_keys = [key for key in state if self._engine_kind(state[key]) is not None]
         with_optimizer = any(
             ds_io.OPTIMIZER in (kind if isinstance(kind, list) else [kind])

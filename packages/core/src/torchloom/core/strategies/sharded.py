@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.checkpoint import distributed as sharded_io
-from torchloom.core.checkpoint.checks import refuse_directory
+from torchloom.core.checkpoint.checks import check_entries, refuse_directory
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.errors import ConfigurationError, choices
@@ -328,13 +328,13 @@ class ShardedStrategy(ParallelStrategy):
         state = {} if state is None else state
         if sharded_io.is_sharded_checkpoint(path):
             meta = sharded_io.read_meta(path)
-            self._check_entries(path, state, meta["kinds"], strict)
+            check_entries(path, state, meta["kinds"], strict)
             checkpoint = sharded_io.load_sharded(path, self._live_state(meta, state, strict), meta=meta)
         elif Path(path).is_dir():
             refuse_directory(path)  # says what an incomplete checkpoint lacks
         else:
             checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-            self._check_entries(path, state, checkpoint.keys(), strict)
+            check_entries(path, state, checkpoint.keys(), strict)
         for key, obj in state.items():
             if key not in checkpoint:
                 continue
@@ -351,14 +351,6 @@ class ShardedStrategy(ParallelStrategy):
             else:
                 state[key] = value
         return checkpoint
-
-    def _check_entries(self, path: str | os.PathLike[str], state: dict[str, Any], available: Any, strict: bool) -> None:
-        missing = [key for key in state if key not in available]
-        if strict and missing:
-            raise KeyError(
-                f"The checkpoint at {str(path)!r} has no entry for {missing}; it holds {sorted(available)}. "
-                "Pass strict=False to load the rest."
-            )
 
     def _live_state(self, meta: dict[str, Any], state: dict[str, Any], strict: bool) -> dict[str, Any]:
         """This rank's shards of the modules and optimizers of ``state`` that the checkpoint holds.

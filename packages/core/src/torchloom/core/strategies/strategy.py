@@ -328,18 +328,13 @@ class Strategy(ABC):
         A checkpoint that cannot be loaded (truncated, corrupt, not a dict, a pickle that would run code, an
         incomplete directory, written by a newer torchloom) raises ``CheckpointError``; nothing in it runs.
         """
-        from torchloom.core.checkpoint.checks import check_checkpoint
+        from torchloom.core.checkpoint.checks import check_checkpoint, check_entries
 
         checkpoint = self.read_checkpoint(path, state or {}, strict=strict, weights_only=weights_only)
         checkpoint = check_checkpoint(checkpoint, path)  # also what a custom CheckpointIO or strategy returns
         if state is None:
             return checkpoint
-        missing = [key for key in state if key not in checkpoint]
-        if strict and missing:
-            raise KeyError(
-                f"The checkpoint at {str(path)!r} has no entry for {missing}; it holds {sorted(checkpoint)}. "
-                "Pass strict=False to load the rest."
-            )
+        check_entries(path, state, checkpoint, strict)
         for key, obj in state.items():
             if key not in checkpoint:
                 continue

@@ -26,6 +26,7 @@ from typing_extensions import override
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
+from torchloom.core.checkpoint.checks import check_entries
 from torchloom.core.checkpoint.io import CheckpointIO
 from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets, shard_like_parameters
 from torchloom.core.errors import ConfigurationError, choices
@@ -164,12 +165,7 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
         if not sharded_io.is_sharded_checkpoint(path):
             return super().read_checkpoint(path, state, strict=strict, weights_only=weights_only)
         meta = sharded_io.read_meta(path)  # also refuses a DCP .metadata that would run code
-        missing = [key for key in state if key not in meta["kinds"]]
-        if strict and missing:  # before anything is loaded in place
-            raise KeyError(
-                f"The checkpoint at {str(path)!r} has no entry for {missing}; it holds {sorted(meta['kinds'])}. "
-                "Pass strict=False to load the rest."
-            )
+        check_entries(path, state, meta["kinds"], strict)  # before anything is loaded in place
         live = live_targets(path, meta, state, strict)
         # every live tensor backed by device data, none with work in flight: the planner reads their shards
         import_torch_xla("torch_xla", "XLA SPMD checkpoints").sync(wait=True)
