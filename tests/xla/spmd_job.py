@@ -17,6 +17,7 @@ from torch_xla.distributed.spmd import XLAShardedTensor
 
 from tests.xla.loops import cpu_weights, fabric_run, model, trainer_run
 from torchloom.core.checkpoint import distributed as sharded_io
+from torchloom.core.checkpoint.consolidate import consolidate
 from torchloom.core.strategies.single_device import SingleDeviceStrategy
 from torchloom.fabric import Fabric
 
@@ -39,6 +40,7 @@ def across_strategies(folder: Path, module: torch.nn.Module, fabric: Fabric) -> 
     saved = cpu_weights(module.state_dict())
     chunks = FileSystemReader(folder / "ckpt").read_metadata().state_dict_metadata["model/0.weight"].chunks
     on_cpu = SingleDeviceStrategy("cpu").load_checkpoint(folder / "ckpt")
+    consolidated = torch.load(consolidate(folder / "ckpt", folder / "one.pt"), weights_only=True)
     written_on_cpu = {"model": {name: torch.full_like(value, 0.5) for name, value in saved.items()}}
     sharded_io.save_sharded(folder / "from_cpu", written_on_cpu, {"model": "module"}, SingleDeviceStrategy("cpu"))
     target = model()
@@ -69,6 +71,7 @@ def across_strategies(folder: Path, module: torch.nn.Module, fabric: Fabric) -> 
         "whole_file_exp_avg_spec": whole_exp_avg_spec,
         "chunks_of_first_weight": len(chunks),
         "cpu_reads_it": on_cpu["step"] == 7 and all(torch.equal(on_cpu["model"][k], v) for k, v in saved.items()),
+        "consolidates": all(torch.equal(consolidated["model"][k], v) for k, v in saved.items()),
         "cpu_optimizer_state": sorted(on_cpu["optimizer"]["state"]),
         "loads_cpu_checkpoint": all(bool((v == 0.5).all()) for v in cpu_weights(loaded.state_dict()).values()),
         "shards_loaded_in_place": len(shards_loaded),

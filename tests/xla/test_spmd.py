@@ -82,7 +82,9 @@ def test_spmd_training_matches_one_device_and_checkpoints_round_trip(
     assert restored["step_after_load"] == 1.0, restored
     # the checkpoint is FSDP's sharded format: one chunk per device for a sharded weight, readable on the CPU
     assert restored["chunks_of_first_weight"] == (devices if strategy == "xla_spmd" else 1)
-    assert restored["cpu_reads_it"] and restored["cpu_optimizer_state"] == [0, 1, 2, 3], restored
+    assert restored["cpu_reads_it"] and restored["consolidates"] and restored["cpu_optimizer_state"] == [0, 1, 2, 3], (
+        restored
+    )
     assert restored["loads_cpu_checkpoint"], restored
     if strategy == "xla_spmd":  # read shard by shard into each sharded parameter, which stays sharded
         assert restored["shards_loaded_in_place"] == len(specs)
