@@ -171,6 +171,31 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_a_list_of_optimizers_saves_and_loads_each(tmp_path: Path) -> None:
+    strategy = cpu_strategy()
+    torch.manual_seed(0)
+    model = Net()
+    optimizers = [torch.optim.Adam(model.layer.parameters(), lr=0.1), torch.optim.SGD([model.layer.bias], momentum=0.9)]
+    strategy.backward(model.training_step(torch.randn(2, 4)), model)
+    for optimizer in optimizers:
+        optimizer.step()
+    path = tmp_path / "ckpt.pt"
+    strategy.save_checkpoint(path, {"model": model, "optimizers": optimizers})
+    assert [sorted(s["state"][0]) for s in torch.load(path, weights_only=True)["optimizers"]] == [
+        ["exp_avg", "exp_avg_sq", "step"],
+        ["momentum_buffer"],
+    ]
+    fresh = Net()
+    fresh_optimizers = [torch.optim.Adam(fresh.layer.parameters()), torch.optim.SGD([fresh.layer.bias])]
+    state: dict[str, Any] = {"model": fresh, "optimizers": fresh_optimizers}
+    strategy.load_checkpoint(path, state)
+    assert state["optimizers"] is fresh_optimizers  # loaded into, not replaced
+    for saved, loaded in zip(optimizers, fresh_optimizers, strict=True):
+        assert loaded.param_groups[0]["lr"] == saved.param_groups[0]["lr"]
+        for key, value in saved.state_dict()["state"][0].items():
+            assert torch.equal(loaded.state_dict()["state"][0][key], value)
+
+
 def test_empty_init_skips_initialisation() -> None:
     strategy = cpu_strategy()
     torch.manual_seed(0)

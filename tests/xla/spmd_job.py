@@ -9,17 +9,91 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_xla
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.utils.data import DataLoader
 from torch_xla.distributed.spmd import XLAShardedTensor
 
-from tests.xla.loops import cpu_weights, fabric_run, model, trainer_run
+from tests.xla.loops import BATCH, Regressor, cpu_weights, dataset, fabric_run, model, trainer_run
 from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.consolidate import consolidate
 from torchloom.core.strategies.single_device import SingleDeviceStrategy
 from torchloom.fabric import Fabric
+from torchloom.trainer import Trainer
+from torchloom.trainer.callbacks import Callback, ModelCheckpoint
+
+
+class MomentumRegressor(Regressor):
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # state to resume: a momentum buffer per parameter
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class SpecProbe(Callback):
+    """The sharding of the first weight and its momentum buffer at the first step of a fit (after the restore)."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, str] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        param = module.net.get_parameter("0.weight")
+        state = trainer.optimizers[0].state.get(param, {})
+        if not self.specs:
+            self.specs = {
+                "momentum_spec": torch_xla._XLAC._get_xla_sharding_spec(state["momentum_buffer"])
+                if "momentum_buffer" in state
+                else "none",
+                "param_spec": torch_xla._XLAC._get_xla_sharding_spec(param),
+            }
+
+
+def trainer_resume(folder: Path, strategy: str) -> dict[str, object]:
+    """The Trainer: 1 epoch, then resumed from its checkpoint for a 2nd, against 2 epochs in one go."""
+
+    probe = SpecProbe()
+
+    def fit(epochs: int, root: Path, ckpt_path: Path | None = None) -> tuple[Trainer, MomentumRegressor]:
+        checkpoints = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+        module = MomentumRegressor()
+        trainer = Trainer(
+            max_epochs=epochs,
+            accelerator="tpu",
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            callbacks=[checkpoints, probe] if ckpt_path else [checkpoints],
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(dataset(), batch_size=BATCH), ckpt_path=ckpt_path)
+        return trainer, module
+
+    _, whole = fit(2, folder / "straight")
+    fit(1, folder / "first")
+    shards_loaded = []
+    load_shards = XLAShardedTensor.load_local_shards_
+
+    def counted(self: XLAShardedTensor, shards: object) -> object:
+        shards_loaded.append(self.global_tensor.shape)
+        return load_shards(self, shards)
+
+    XLAShardedTensor.load_local_shards_ = counted  # type: ignore[method-assign]
+    try:
+        trainer, resumed = fit(2, folder / "second", ckpt_path=folder / "first" / "last.ckpt")
+    finally:
+        XLAShardedTensor.load_local_shards_ = load_shards  # type: ignore[method-assign]
+    return {
+        "checkpoint_is_sharded": sharded_io.is_sharded_checkpoint(folder / "first" / "last.ckpt"),
+        "resumed_equals_straight": all(
+            torch.equal(a, b)
+            for a, b in zip(cpu_weights(resumed.state_dict()).values(), cpu_weights(whole.state_dict()).values())
+        ),
+        "resumed_steps": trainer.global_step,
+        "shards_loaded_in_place": len(shards_loaded),
+        **probe.specs,
+    }
 
 
 def fresh_optimizer_state(fabric: Fabric) -> dict[str, object]:
@@ -117,6 +191,7 @@ def main(out: Path, strategy: str) -> None:
     }
     restored.update(across_strategies(out.parent, module, fabric))
     _, trained = trainer_run(str(out.parent / "trainer"), accelerator="tpu", strategy=strategy)
+    resume = trainer_resume(out.parent, strategy)
     torch.save(
         {
             "weights": weights,
@@ -124,6 +199,7 @@ def main(out: Path, strategy: str) -> None:
             "specs": specs,
             "restored": restored,
             "trainer_weights": cpu_weights(trained.state_dict()),
+            "trainer_resume": resume,
             "strategy": type(fabric.strategy).__name__,
         },
         out,

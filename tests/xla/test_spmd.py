@@ -86,6 +86,11 @@ def test_spmd_training_matches_one_device_and_checkpoints_round_trip(
         restored
     )
     assert restored["loads_cpu_checkpoint"], restored
+    resume = result["trainer_resume"]  # the Trainer resumes from its sharded checkpoint, read shard by shard
+    assert resume["checkpoint_is_sharded"] and resume["resumed_steps"] == 12, resume
+    assert resume["resumed_equals_straight"], resume
+    if strategy == "xla_spmd":  # 4 parameters and their 4 momentum buffers
+        assert resume["shards_loaded_in_place"] == 8 and resume["momentum_spec"] == resume["param_spec"], resume
     if strategy == "xla_spmd":  # read shard by shard into each sharded parameter, which stays sharded
         assert restored["shards_loaded_in_place"] == len(specs)
         assert restored["spec_after_cpu_load"] == specs["0.weight"]

@@ -189,7 +189,7 @@ def read_checkpoint(trainer: Trainer, path: str) -> dict[str, Any] | None:
     checkpoint = _check_trainer_checkpoint(checkpoint, path)
     states = checkpoint.get("optimizer_states")
     if isinstance(states, list):  # sharded saves key them by parameter name; every strategy loads positions
-        checkpoint["optimizer_states"] = [_indexed(state) for state in states]
+        checkpoint["optimizer_states"] = [sharded_io.to_indexed(state) for state in states]
     return checkpoint
 
 
@@ -217,11 +217,6 @@ def _saved_skeleton(path: str | os.PathLike[str]) -> dict[str, Any]:
         skeleton: dict[str, Any] = sharded_io.read_meta(path)["skeleton"]
         return skeleton
     return deepspeed_io.skeleton(path)
-
-
-def _indexed(state: Any) -> Any:
-    named = isinstance(state, dict) and state.get("param_groups") and not sharded_io.is_indexed_optimizer_state(state)
-    return sharded_io.optimizer_state_to_indexed(state) if named else state
 
 
 def restore_after_setup(

@@ -57,6 +57,7 @@ __all__ = [
     "remove_path",
     "save_sharded",
     "swap_into_place",
+    "to_indexed",
 ]
 
 META_FILE = "torchloom_meta.pt"
@@ -361,6 +362,12 @@ def optimizer_state_to_indexed(state: dict[str, Any]) -> dict[str, Any]:
         "state": {order[name]: value for name, value in state.get("state", {}).items()},
         "param_groups": [{**group, "params": [order[n] for n in group["params"]]} for group in state["param_groups"]],
     }
+
+
+def to_indexed(state: Any) -> Any:
+    """``state`` in ``optimizer.state_dict()``'s form, whichever of the two forms it is in."""
+    named = isinstance(state, dict) and state.get("param_groups") and not is_indexed_optimizer_state(state)
+    return optimizer_state_to_indexed(state) if named else state
 
 
 def optimizer_state_to_named(state: dict[str, Any], names: list[str]) -> dict[str, Any]:

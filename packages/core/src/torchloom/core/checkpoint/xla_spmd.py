@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
 
-__all__ = ["inner_module", "live_targets", "shard_like_parameters"]
+__all__ = ["inner_module", "live_targets", "owner_module", "shard_like_parameters"]
 
 
 def inner_module(module: nn.Module) -> nn.Module:
@@ -28,10 +28,17 @@ def inner_module(module: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else module
 
 
+def owner_module(optimizer: Optimizer, state: dict[str, Any], key: str) -> nn.Module:
+    """The user's module in ``state`` that holds ``optimizer``'s parameters (see ``owner_of``)."""
+    return inner_module(sharded_io.owner_of(optimizer, state, key))
+
+
 def live_targets(
     path: str | os.PathLike[str], meta: dict[str, Any], state: dict[str, Any], strict: bool
 ) -> dict[str, Any]:
-    """For each module and optimizer of ``state`` that the checkpoint holds, the tensors to read it into.
+    """For each module and optimizer (or list of them) of ``state`` that the checkpoint holds, the tensors to read
+    it into. Entries saved as plain state (the Trainer's ``state_dict``, ``optimizer_states``) count when their
+    form fits the object.
 
     New tensors have device data only once their graph has run: run it (``torch_xla.sync(wait=True)``)
     before handing them to the planner, which reads each shard's position from the device data.
@@ -41,18 +48,42 @@ def live_targets(
     stored = FileSystemReader(path).read_metadata().state_dict_metadata
     live: dict[str, Any] = {}
     for key, obj in state.items():
-        kind = meta["kinds"].get(key)
-        if isinstance(obj, nn.Module) and kind == "module":
+        kind, saved = meta["kinds"].get(key), meta["skeleton"].get(key)
+        optimizers = sharded_io.as_optimizers(obj)
+        if isinstance(obj, nn.Module) and kind in ("module", "data") and isinstance(saved, dict):
             module = inner_module(obj)
-            sharded_io.check_module_keys(module, meta["skeleton"][key].keys(), strict)
+            sharded_io.check_module_keys(module, saved.keys(), strict)
             live[key] = module.state_dict()  # aliases of the parameters: DCP fills each device's shard in place
-        elif isinstance(obj, Optimizer) and kind == "optimizer":
-            owner = inner_module(sharded_io.owner_of(obj, state, key))
-            params = [p for group in obj.param_groups for p in group["params"]]
-            by_name = dict(zip(sharded_io.parameter_names(owner, obj), params, strict=True))
-            paths = [p for p in meta["tensor_paths"] if p[0] == key]
-            live[key] = _nest([(p[1:], _target(p, stored[sharded_io.flat_key(p)], by_name)) for p in paths])
+        elif optimizers is not None and kind in ("optimizer", "optimizers", "data") and _fits(saved, obj):
+            prefixes: list[list[Any]] = (
+                [[key]] if isinstance(obj, Optimizer) else [[key, i] for i in range(len(optimizers))]
+            )
+            targets = []
+            for prefix, optimizer in zip(prefixes, optimizers, strict=True):
+                params = _parameters_by_reference(optimizer, owner_module(optimizer, state, key))
+                items = []
+                for tensor_path in meta["tensor_paths"]:
+                    if tensor_path[: len(prefix)] == prefix:
+                        relative = tensor_path[len(prefix) :]
+                        items.append((relative, _target(relative, stored[sharded_io.flat_key(tensor_path)], params)))
+                targets.append(_nest(items))
+            live[key] = targets[0] if isinstance(obj, Optimizer) else targets
     return live
+
+
+def _fits(saved: Any, obj: Any) -> bool:
+    """Whether saved optimizer state has the form of ``obj``: one state dict, or a list as long as ``obj``."""
+    if isinstance(obj, Optimizer):
+        return isinstance(saved, dict) and "param_groups" in saved
+    return isinstance(saved, (list, tuple)) and len(saved) == len(obj)
+
+
+def _parameters_by_reference(optimizer: Optimizer, module: nn.Module) -> dict[Any, Tensor]:
+    """``optimizer``'s parameters by the keys its saved state may use: position (``optimizer.state_dict()``)
+    and name (the form sharded checkpoints hold)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = sharded_io.parameter_names(module, optimizer)
+    return {**dict(enumerate(params)), **dict(zip(names, params, strict=True))}
 
 
 def shard_like_parameters(optimizer: Optimizer) -> None:
@@ -71,12 +102,12 @@ def shard_like_parameters(optimizer: Optimizer) -> None:
                     torch_xla._XLAC._xla_mark_sharding(value, sharding)
 
 
-def _target(tensor_path: list[Any], stored: Any, params: dict[str, Tensor]) -> Tensor:
+def _target(relative_path: list[Any], stored: Any, params: dict[Any, Tensor]) -> Tensor:
     """An empty tensor for one saved optimizer state tensor: on the device and sharded like its parameter when
     it has the parameter's shape (``exp_avg``, ``momentum_buffer``), else on the CPU (``step``)."""
     size, dtype = stored.size, stored.properties.dtype
-    # named optimizer state: [key, "state", parameter name, state name]
-    param = params.get(tensor_path[2]) if len(tensor_path) == 4 and tensor_path[1] == "state" else None
+    # optimizer state: ["state", parameter name or position, state name]
+    param = params.get(relative_path[1]) if len(relative_path) == 3 and relative_path[0] == "state" else None
     if param is None or tuple(size) != tuple(param.shape):
         return torch.empty(size, dtype=dtype)
     torch_xla = import_torch_xla("torch_xla", "XLA SPMD checkpoints")

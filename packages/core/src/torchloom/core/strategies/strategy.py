@@ -288,13 +288,18 @@ class Strategy(ABC):
         optimizer.load_state_dict(state_dict)
 
     def convert_state(self, state: dict[str, Any], filter: StateFilter | None = None) -> dict[str, Any]:
-        """Turns live objects in ``state`` (modules, optimizers, anything with ``state_dict``) into plain data."""
+        """Turns live objects in ``state`` (modules, optimizers or lists of them, anything with ``state_dict``) into
+        plain data."""
+        from torchloom.core.checkpoint.distributed import as_optimizers
+
         converted: dict[str, Any] = {}
         for key, obj in state.items():
+            optimizers = as_optimizers(obj)  # one optimizer, or a list of them
             if isinstance(obj, nn.Module):
                 value: Any = self.get_module_state_dict(obj)
-            elif isinstance(obj, Optimizer):
-                value = self.get_optimizer_state(obj)
+            elif optimizers is not None:
+                states = [self.get_optimizer_state(o) for o in optimizers]
+                value = states[0] if isinstance(obj, Optimizer) else states
             elif callable(getattr(obj, "state_dict", None)) and not isinstance(obj, dict):
                 value = obj.state_dict()
             else:
@@ -329,6 +334,7 @@ class Strategy(ABC):
         incomplete directory, written by a newer torchloom) raises ``CheckpointError``; nothing in it runs.
         """
         from torchloom.core.checkpoint.checks import check_checkpoint, check_entries
+        from torchloom.core.checkpoint.distributed import as_optimizers
 
         checkpoint = self.read_checkpoint(path, state or {}, strict=strict, weights_only=weights_only)
         checkpoint = check_checkpoint(checkpoint, path)  # also what a custom CheckpointIO or strategy returns
@@ -339,10 +345,13 @@ class Strategy(ABC):
             if key not in checkpoint:
                 continue
             value = checkpoint.pop(key)
+            optimizers = as_optimizers(obj)
             if isinstance(obj, nn.Module):
                 self.load_module_state_dict(obj, value, strict=strict)
-            elif isinstance(obj, Optimizer):
-                self.load_optimizer_state(obj, value)
+            elif optimizers is not None:
+                values = [value] if isinstance(obj, Optimizer) else list(value)
+                for optimizer, optimizer_state in zip(optimizers, values, strict=True):
+                    self.load_optimizer_state(optimizer, optimizer_state)
             elif callable(getattr(obj, "load_state_dict", None)) and not isinstance(obj, dict):
                 obj.load_state_dict(value)
             else:

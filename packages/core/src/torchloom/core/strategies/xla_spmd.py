@@ -28,7 +28,7 @@ from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint import distributed as sharded_io
 from torchloom.core.checkpoint.checks import check_entries
 from torchloom.core.checkpoint.io import CheckpointIO
-from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets, shard_like_parameters
+from torchloom.core.checkpoint.xla_spmd import inner_module, live_targets, owner_module, shard_like_parameters
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
 from torchloom.core.strategies.single_xla import SingleDeviceXLAStrategy
@@ -45,6 +45,7 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
 
     # the connector lets it take several devices although it runs one process (it uses all of them)
     drives_all_local_devices = True
+    restore_checkpoint_after_setup = True  # the Trainer reads its sharded checkpoints into the sharded module
 
     def __init__(
         self,
@@ -140,9 +141,15 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
         """Like the base, with optimizer state keyed by parameter name, as sharded checkpoints hold it."""
         converted = super().convert_state(state, filter)
         for key, obj in state.items():
-            if isinstance(obj, Optimizer):
-                names = sharded_io.parameter_names(inner_module(sharded_io.owner_of(obj, state, key)), obj)
-                converted[key] = sharded_io.optimizer_state_to_named(converted[key], names)
+            optimizers = sharded_io.as_optimizers(obj)
+            if optimizers is None:
+                continue
+            values = [converted[key]] if isinstance(obj, Optimizer) else converted[key]
+            named = [
+                sharded_io.optimizer_state_to_named(value, sharded_io.parameter_names(owner_module(o, state, key), o))
+                for o, value in zip(optimizers, values, strict=True)
+            ]
+            converted[key] = named[0] if isinstance(obj, Optimizer) else named
         return converted
 
     @override
@@ -174,9 +181,11 @@ class XLASPMDStrategy(SingleDeviceXLAStrategy):
             checkpoint = sharded_io.load_sharded(
                 path, live, meta=meta, distributed=False, planner=planners.SPMDLoadPlanner()
             )
-        for key in live:  # read in place, so still keyed by parameter name: the optimizer wants its own form
+        for key in live:  # read in place, so maybe keyed by parameter name: the optimizers want their own form
             if isinstance(state[key], Optimizer):
-                checkpoint[key] = sharded_io.optimizer_state_to_indexed(checkpoint[key])
+                checkpoint[key] = sharded_io.to_indexed(checkpoint[key])
+            elif sharded_io.as_optimizers(state[key]) is not None:
+                checkpoint[key] = [sharded_io.to_indexed(value) for value in checkpoint[key]]
         return checkpoint
 
     @override
