@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import pickle
-from collections.abc import Generator, Iterable
+from collections.abc import Generator
 from typing import Any, TypeVar
 
 import torch
@@ -26,16 +26,13 @@ from typing_extensions import override
 from torchloom.core.accelerators.accelerator import Accelerator
 from torchloom.core.accelerators.xla import import_torch_xla
 from torchloom.core.checkpoint.io import CheckpointIO
-from torchloom.core.checkpoint.xla import XLACheckpointIO
 from torchloom.core.environments.environment import ClusterEnvironment
 from torchloom.core.environments.xla import XLAEnvironment
 from torchloom.core.errors import ConfigurationError, choices
 from torchloom.core.precision.precision import Precision
-from torchloom.core.precision.xla import as_xla_precision
 from torchloom.core.strategies.parallel import ParallelStrategy
 from torchloom.core.strategies.strategy import ReduceOp
-from torchloom.core.strategies.xla_loader import XLADeviceLoader
-from torchloom.core.strategies.xla_ops import move_module, xla_optimizer_step
+from torchloom.core.strategies.xla_ops import XLAStrategyBase, xla_optimizer_step
 from torchloom.core.utils import rank_zero
 from torchloom.core.utils.collections import apply_to_collection
 
@@ -45,11 +42,8 @@ T = TypeVar("T")
 _REDUCE_OPS = ("mean", "sum", "max", "min")
 
 
-class XLAStrategy(ParallelStrategy):
+class XLAStrategy(XLAStrategyBase, ParallelStrategy):
     """Data parallel over XLA devices, one process each (``torch_xla.launch``)."""
-
-    uses_xla = True
-    supports_inference_mode = False  # XLA tensors made under inference_mode fail in later ops (version counter)
 
     def __init__(
         self,
@@ -79,14 +73,6 @@ class XLAStrategy(ParallelStrategy):
         self._reduced: set[int] = set()  # optimizers whose gradients were averaged since their last step
 
     # ------------------------------------------------------------------ wiring
-    @override
-    def default_checkpoint_io(self) -> CheckpointIO:
-        return XLACheckpointIO()
-
-    @override
-    def adapt_precision(self, precision: Precision) -> Precision:
-        return as_xla_precision(precision, type(self).__name__)
-
     @override
     def configure_launcher(self) -> None:
         from torchloom.core.launchers.xla import XLALauncher
@@ -120,14 +106,6 @@ class XLAStrategy(ParallelStrategy):
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
         return module  # replicas start equal: every process builds the model from the same seed
-
-    @override
-    def module_to_device(self, module: nn.Module) -> None:
-        move_module(module, self.root_device)
-
-    @override
-    def process_dataloader(self, dataloader: Iterable[Any]) -> Iterable[Any]:
-        return XLADeviceLoader(dataloader, self.batch_to_device)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:

@@ -1,16 +1,53 @@
-"""What every XLA strategy does alike: moving a module onto the device, and the optimizer step."""
+"""What every XLA strategy does alike: moving a module onto the device, the data loader, the optimizer step,
+the precision and the checkpoint I/O (``XLAStrategyBase``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from torchloom.core.accelerators.xla import import_torch_xla
+from torchloom.core.checkpoint.io import CheckpointIO
+from torchloom.core.checkpoint.xla import XLACheckpointIO
+from torchloom.core.precision.precision import Precision
+from torchloom.core.precision.xla import as_xla_precision
+from torchloom.core.strategies.strategy import Strategy
+from torchloom.core.strategies.xla_loader import XLADeviceLoader
 
-__all__ = ["move_module", "xla_optimizer_step"]
+__all__ = ["XLAStrategyBase", "move_module", "xla_optimizer_step"]
+
+
+class XLAStrategyBase(Strategy):
+    """The overrides every XLA strategy shares. Listed first beside ``SingleDeviceStrategy`` or
+    ``ParallelStrategy``, which bring the process layout: ``class S(XLAStrategyBase, SingleDeviceStrategy)``."""
+
+    uses_xla = True
+    supports_inference_mode = False  # XLA tensors made under inference_mode fail in later ops (version counter)
+
+    @override
+    def default_checkpoint_io(self) -> CheckpointIO:
+        return XLACheckpointIO()
+
+    @override
+    def adapt_precision(self, precision: Precision) -> Precision:
+        return as_xla_precision(precision, type(self).__name__)
+
+    @override
+    def module_to_device(self, module: nn.Module) -> None:
+        move_module(module, self.root_device)
+
+    @override
+    def process_dataloader(self, dataloader: Iterable[Any]) -> Iterable[Any]:
+        return XLADeviceLoader(dataloader, self.batch_to_device)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
+        return xla_optimizer_step(optimizer, **kwargs)
 
 
 def move_module(module: nn.Module, device: torch.device) -> None:
